@@ -1,0 +1,355 @@
+"""Config assembly and validation.
+
+A user YAML has three roots, as in the original Video-LLaMA: ``model:``, ``datasets:`` and
+``run:``. Assembly (``load_config``):
+
+1. ``model``: the default YAML of ``model.arch`` for ``model.model_type``
+   (``ModelClass.PRETRAINED_MODEL_CONFIG_DICT``) is merged *under* the user's section.
+2. ``datasets``: for every dataset name, the builder's default YAML (``type`` selects one of
+   ``BuilderClass.DATASET_CONFIG_DICT``, ``default`` otherwise) is merged under the user's entry.
+3. ``run`` is taken as written, then ``--options key=value ...`` overrides are applied on top.
+
+Validation rejects unknown keys and wrong types with a :class:`~videollm.errors.ConfigError`
+that names the full key and suggests the closest valid one. Schemas are dataclasses: the
+model class's ``config_schema``, the builder's ``config_schema`` (with its ``BuildInfo``), the
+processors' ``config_schema`` and :class:`RunConfig` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from videollm.errors import ConfigError, closest
+from videollm.registry import registry
+
+logger = logging.getLogger(__name__)
+
+ROOTS = ("model", "datasets", "run")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class RunConfig:
+    """Options of the ``run:`` section (runner, task, optimisation, output)."""
+
+    task: str = "video_text_pretrain"
+    runner: str = "runner_iter"
+    # optimisation (the original's names)
+    lr_sched: str = "linear_warmup_cosine_lr"
+    init_lr: float = 1e-4
+    min_lr: float = 8e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 0
+    lr_decay_rate: Optional[float] = None
+    weight_decay: float = 0.05
+    beta2: float = 0.999
+    max_epoch: int = 1
+    iters_per_epoch: int = 100
+    batch_size_train: int = 1
+    batch_size_eval: int = 1
+    num_workers: int = 0
+    accum_grad_iters: int = 1
+    grad_clip: Optional[float] = None
+    seed: int = 42
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    vit_grad_checkpointing: bool = False
+    llm_grad_checkpointing: bool = False
+    # distribution
+    device: str = "cpu"
+    world_size: int = 1
+    dist_url: str = "env://"
+    distributed: bool = False
+    deepspeed_config: Optional[str] = None
+    # output and checkpoints
+    output_dir: str = "output/run"
+    resume_ckpt_path: Optional[str] = None
+    auto_resume: bool = False
+    save_freq_iters: int = 0
+    keep_last_checkpoints: int = 2
+    # logging
+    log_freq: int = 10
+    tensorboard: bool = False
+    max_nonfinite_in_row: int = 5
+    max_bad_sample_fraction: float = 0.1
+    # evaluation after training
+    evaluate: bool = False
+    eval_max_new_tokens: int = 16
+    train_splits: List[str] = field(default_factory=lambda: ["train"])
+    valid_splits: List[str] = field(default_factory=list)
+    test_splits: List[str] = field(default_factory=list)
+    job_name: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------------------
+# Generic dataclass validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, key: str) -> None:
+    """Raise ConfigError if ``value`` (a plain python value) does not fit type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any or tp is object:
+        return
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return
+        errors = []
+        for alt in args:
+            if alt is type(None):
+                continue
+            try:
+                _check_value(value, alt, key)
+                return
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if value is None:
+        raise ConfigError(f"{key}: must not be null (expected {_type_name(tp)})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        validate_mapping(value, tp, key)
+        return
+    if origin in (list, List, Sequence, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if args:
+            for i, item in enumerate(value):
+                _check_value(item, args[0], f"{key}[{i}]")
+        return
+    if origin in (dict, Dict) or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return
+    raise ConfigError(f"{key}: unsupported schema type {tp!r}")
+
+
+def validate_mapping(values: Dict[str, Any], schema: type, prefix: str) -> None:
+    """Check every key of ``values`` against the dataclass ``schema``.
+
+    Unknown keys and type mismatches raise ConfigError naming ``prefix.key``.
+    """
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise ConfigError(f"{full}: unknown key{closest(key, names)}")
+        _check_value(value, hints[key], full)
+
+
+def _to_plain(node: Any) -> Any:
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def with_defaults(values: Dict[str, Any], schema: type) -> Dict[str, Any]:
+    """Return ``values`` completed with the schema's defaults (values must be validated)."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        if f.name in values:
+            out[f.name] = values[f.name]
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Assembly
+
+
+def _load_yaml(path: os.PathLike | str) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry line numbers; keep them
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping with model/datasets/run")
+    return cfg
+
+
+def parse_options(options: Optional[Sequence[str]]) -> DictConfig:
+    """``["run.init_lr=1e-4", "model.max_txt_len=64"]`` (or ``key value`` pairs) -> DictConfig."""
+    opts = list(options or [])
+    if opts and "=" not in opts[0]:
+        if len(opts) % 2:
+            raise ConfigError(f"--options: expected key=value pairs, got {opts!r}")
+        opts = [f"{k}={v}" for k, v in zip(opts[0::2], opts[1::2])]
+    for opt in opts:
+        if "=" not in opt:
+            raise ConfigError(f"--options: '{opt}' is not of the form key=value")
+        key = opt.split("=", 1)[0]
+        root = key.split(".", 1)[0]
+        if root not in ROOTS:
+            raise ConfigError(
+                f"--options {key}: unknown root '{root}'{closest(root, ROOTS)}; "
+                f"keys start with one of {', '.join(ROOTS)}"
+            )
+    try:
+        return OmegaConf.from_dotlist(opts)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"--options: {exc}") from None
+
+
+def default_model_config_path(model_cls: type, model_type: str) -> Path:
+    presets = getattr(model_cls, "PRETRAINED_MODEL_CONFIG_DICT", {})
+    if model_type not in presets:
+        raise ConfigError(
+            f"model.model_type: unknown preset '{model_type}'{closest(model_type, presets)}; "
+            f"presets of {model_cls.__name__}: {', '.join(sorted(presets))}"
+        )
+    return PACKAGE_DIR / presets[model_type]
+
+
+def default_dataset_config_path(builder_cls: type, name: str, type_: str) -> Path:
+    presets = getattr(builder_cls, "DATASET_CONFIG_DICT", {})
+    if type_ not in presets:
+        raise ConfigError(
+            f"datasets.{name}.type: unknown '{type_}'{closest(type_, presets)}; "
+            f"known: {', '.join(sorted(presets))}"
+        )
+    return PACKAGE_DIR / presets[type_]
+
+
+def build_model_config(user_model: DictConfig) -> DictConfig:
+    arch = user_model.get("arch")
+    if arch is None:
+        raise ConfigError("model.arch: missing (e.g. arch: video_llama)")
+    model_cls = registry.get_model_class(str(arch))
+    model_type = user_model.get("model_type") or getattr(model_cls, "DEFAULT_MODEL_TYPE", None)
+    if model_type is None:
+        raise ConfigError("model.model_type: missing (a preset name of the model)")
+    default = _load_yaml(default_model_config_path(model_cls, str(model_type)))
+    return OmegaConf.merge(default.get("model", OmegaConf.create()), user_model)
+
+
+def build_dataset_config(user_datasets: DictConfig) -> DictConfig:
+    out = OmegaConf.create()
+    for name in user_datasets:
+        builder_cls = registry.get_builder_class(str(name))
+        entry = user_datasets[name] or OmegaConf.create()
+        type_ = entry.get("type", "default")
+        default_path = default_dataset_config_path(builder_cls, str(name), str(type_))
+        default = _load_yaml(default_path).get("datasets", {}).get(name, OmegaConf.create())
+        out[name] = OmegaConf.merge(default, entry)
+    return out
+
+
+def _validate_processors(node: Dict[str, Any], prefix: str) -> None:
+    for split, proc in (node or {}).items():
+        key = f"{prefix}.{split}"
+        if proc is None:
+            continue
+        if not isinstance(proc, dict) or "name" not in proc:
+            raise ConfigError(f"{key}: expected a mapping with a 'name' key")
+        proc_cls = registry.get_processor_class(str(proc["name"]))
+        schema = getattr(proc_cls, "config_schema", None)
+        if schema is not None:
+            validate_mapping(proc, schema, key)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Validate an assembled config; raises ConfigError naming the first bad key."""
+    for key in cfg:
+        if key not in ROOTS:
+            raise ConfigError(f"{key}: unknown root{closest(key, ROOTS)}; roots: {', '.join(ROOTS)}")
+    model = _to_plain(cfg.get("model"))
+    if model is not None:
+        model_cls = registry.get_model_class(str(model.get("arch")))
+        schema = getattr(model_cls, "config_schema", None)
+        if schema is not None:
+            validate_mapping(model, schema, "model")
+    for name, entry in (_to_plain(cfg.get("datasets")) or {}).items():
+        builder_cls = registry.get_builder_class(str(name))
+        schema = getattr(builder_cls, "config_schema", None)
+        if schema is not None:
+            validate_mapping(entry or {}, schema, f"datasets.{name}")
+        for proc_key in ("vis_processor", "text_processor"):
+            _validate_processors((entry or {}).get(proc_key), f"datasets.{name}.{proc_key}")
+    run = _to_plain(cfg.get("run"))
+    if run is not None:
+        validate_mapping(run, RunConfig, "run")
+        registry.get_task_class(str(run.get("task", RunConfig.task)))
+        registry.get_lr_scheduler_class(str(run.get("lr_sched", RunConfig.lr_sched)))
+
+
+def load_config(cfg_path: os.PathLike | str, options: Optional[Sequence[str]] = None) -> DictConfig:
+    """Assemble, override and validate a config; see the module docstring."""
+    user = _load_yaml(cfg_path)
+    for key in user:
+        if key not in ROOTS:
+            raise ConfigError(f"{cfg_path}: {key}: unknown root{closest(key, ROOTS)}")
+    overrides = parse_options(options)
+    # The model preset may itself be overridden from the command line.
+    user_model = OmegaConf.merge(user.get("model", OmegaConf.create()), overrides.get("model", {}))
+    cfg = OmegaConf.create()
+    if "model" in user or "model" in overrides:
+        cfg.model = build_model_config(user_model)
+    if "datasets" in user:
+        cfg.datasets = build_dataset_config(user.datasets or OmegaConf.create())
+    cfg.run = user.get("run", OmegaConf.create())
+    cfg = OmegaConf.merge(cfg, overrides)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{cfg_path}: cannot resolve interpolation: {exc}") from None
+    validate_config(cfg)
+    run = _to_plain(cfg.run) or {}
+    cfg.run = with_defaults(run, RunConfig)
+    return cfg
+
+
+def save_config(cfg: DictConfig, output_dir: os.PathLike | str, name: str = "config.yaml") -> Path:
+    """Write the effective config into a run's output directory; returns the file path."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    OmegaConf.save(cfg, path)
+    return path
+
+
+def add_common_args(parser) -> None:
+    """``--cfg-path`` and ``--options``: shared by every entry script."""
+    parser.add_argument("--cfg-path", required=True, help="path to the YAML config")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=None,
+        help="override config keys: key=value ... (e.g. run.init_lr=1e-4)",
+    )

@@ -1,0 +1,1 @@
+"""Registered parts; importing this package registers them."""
