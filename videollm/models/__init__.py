@@ -1,1 +1,3 @@
-"""Registered parts; importing this package registers them."""
+"""Models; importing this package registers them."""
+
+from videollm.models.video_llama import VideoLLAMA  # noqa: F401

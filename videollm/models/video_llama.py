@@ -374,8 +374,8 @@ class VideoLLAMA(nn.Module):
 
         strict = self.cfg.strict_load if strict is None else strict
         own = self.state_dict()
-        if ignore_others:
-            state = {k: v for k, v in state.items() if _matches(k, provides)}
+        if ignore_others:  # e.g. BLIP-2's text-side Q-Former weights, which this model deletes
+            state = {k: v for k, v in state.items() if _matches(k, provides) and k in own}
         for key, value in state.items():
             if key in own and tuple(own[key].shape) != tuple(value.shape):
                 raise CheckpointError(
