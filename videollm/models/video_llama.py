@@ -252,6 +252,13 @@ class VideoLLAMA(nn.Module):
                 raise ConfigError(f"model.imagebind.{key}: unknown key{closest(key, vars(ib_cfg))}")
             setattr(ib_cfg, key, value)
         self.audio_encoder = ImageBindModel(ib_cfg)
+        if cfg.imagebind_ckpt_path:
+            from videollm.models.imagebind import load_imagebind_weights
+
+            # A directory holding imagebind_huge.pth (the original's semantics) or the file itself.
+            # Only the vision and audio towers are built; the other modalities' keys are skipped.
+            summary = load_imagebind_weights(self.audio_encoder, cfg.imagebind_ckpt_path, strict=cfg.strict_load)
+            logger.info("ImageBind: %s", summary)
         self.audio_hidden_size = ib_cfg.out_embed_dim
         self.num_audio_query_token = cfg.num_audio_query_token
         overrides = {"hidden_size": qformer_hidden, **cfg.audio_qformer}
