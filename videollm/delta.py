@@ -13,11 +13,12 @@ no tokenizer is loaded. :func:`make_delta` is the inverse: ``delta = target - ba
 zero padding of the base.
 
 Unlike the original (which holds base and delta as two full models, about 2 x 26 GB for 13B), the
-work is streamed on state dicts: inputs are read one tensor at a time (safetensors) or one
-memory-mapped shard at a time (``.bin``), sums are computed in row chunks in fp32 (fp64 for fp64
-inputs) and rounded once to the output dtype, and output safetensors shards are written as the
-chunks come, since every shape is known before the first byte is written. Everything is checked
-before the output folder is created.
+work is streamed on state dicts: inputs are read in row chunks of about a million elements
+through short-lived memory maps (per chunk for safetensors, per tensor for ``.bin`` shards), sums
+are computed in fp32 (fp64 for fp64 inputs) and rounded once to the output dtype, and output
+safetensors shards are written chunk by chunk, since every shape is known before the first byte is
+written. Peak memory stays at tens of MB above the interpreter's, whatever the model size (see
+``bench/apply_delta_memory.py``). Everything is checked before the output folder is created.
 
 Rotary ``inv_freq`` buffers, which old LLaMA conversions stored, are skipped: current transformers
 computes them and does not expect them in a checkpoint.
@@ -51,7 +52,7 @@ SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
 # Non-weight files copied from the delta (apply) or the target (make-delta).
 COPIED_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer*")
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as transformers' "5GB"
-CHUNK_ELEMENTS = 1 << 24  # rows are combined in chunks of about this many elements (64 MB in fp32)
+CHUNK_ELEMENTS = 1 << 20  # rows are read and combined in chunks of about this many elements (4 MB in fp32)
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -70,7 +71,7 @@ class DeltaResult:
     num_tensors: int
     vocab_size: int | None
     total_bytes: int
-    inexact_elements: int = 0  # make_delta only: elements whose round trip cannot be exact
+    inexact_elements: int = 0  # make_delta only: elements that will not round-trip exactly
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,41 +88,40 @@ class TensorInfo:
 
 @dataclass
 class ShardedReader:
-    """Tensors of an HF model folder, read one at a time.
+    """Tensors of an HF model folder, read lazily, a slice of rows at a time.
 
-    A safetensors shard is read tensor by tensor; a ``.bin`` shard is memory-mapped when first
-    needed. A shard is closed as soon as every tensor in it has been read (skipped ``inv_freq``
-    buffers aside), so at most the shards
-    "in progress" are open (one, when the files are read in shard order).
+    :meth:`get` returns something that reads rows when sliced (``src[a:b]``, or ``src[...]`` for
+    a 0-dim tensor). Inputs are memory-mapped, and a mapping holds on to every page read through
+    it until it is dropped, so mappings are kept short-lived: a safetensors file is mapped afresh
+    for each slice (re-opening costs parsing a header of a few kB), a ``.bin`` shard for each
+    tensor (re-opening costs unpickling its index of tensors). Legacy non-zip ``.bin`` files cannot
+    be mapped: the last one read stays loaded whole.
     """
 
     folder: Path
     info: dict[str, TensorInfo] = field(default_factory=dict)
-    _open: dict[Path, object] = field(default_factory=dict)
-    _left: dict[Path, set[str]] = field(default_factory=dict)
+    _whole: tuple[Path, dict] | None = None
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> ShardedReader:
         reader = cls(Path(folder))
         for shard in iter_checkpoint_shards(reader.folder):
-            specs = _shard_specs(shard)
-            for name, (shape, dtype) in specs.items():
+            for name, (shape, dtype) in _shard_specs(shard).items():
                 if name in reader.info:
                     raise CheckpointError(f"{shard}: tensor {name} is also in {reader.info[name].shard.name}")
                 reader.info[name] = TensorInfo(shape, dtype, shard)
-            reader._left[shard] = {n for n in specs if not SKIPPED.search(n)}  # never read
         return reader
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str):
         shard = self.info[name].shard
-        if shard not in self._open:
-            self._open[shard] = _open_shard(shard)
-        handle = self._open[shard]
-        tensor = handle.get_tensor(name) if shard.suffix == ".safetensors" else handle[name]
-        self._left[shard].discard(name)
-        if not self._left[shard]:
-            del self._open[shard]
-        return tensor
+        if shard.suffix == ".safetensors":
+            return _SafetensorsRows(shard, name)
+        if self._whole is not None and self._whole[0] == shard:
+            return self._whole[1][name]
+        state = _load_bin(shard)
+        if not zipfile.is_zipfile(shard):
+            self._whole = (shard, state)
+        return state[name]
 
     def config(self) -> dict | None:
         path = self.folder / "config.json"
@@ -131,6 +131,20 @@ class ShardedReader:
             return json.loads(path.read_text())
         except ValueError as e:
             raise CheckpointError(f"{path}: not valid json ({e})") from e
+
+
+@dataclass(frozen=True)
+class _SafetensorsRows:
+    """Rows of one tensor of a safetensors file; each ``[index]`` reads through a fresh mapping,
+    which lives as long as the tensor it returns."""
+
+    shard: Path
+    name: str
+
+    def __getitem__(self, index) -> torch.Tensor:
+        from safetensors import safe_open
+
+        return safe_open(self.shard, "pt").get_slice(self.name)[index]
 
 
 def _shard_specs(shard: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -149,15 +163,10 @@ def _shard_specs(shard: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
                 return specs
         except SafetensorError as e:
             raise CheckpointError(f"{shard}: corrupt or truncated safetensors file ({e})") from e
-    state = _open_shard(shard)
-    return {n: (tuple(t.shape), t.dtype) for n, t in state.items()}
+    return {n: (tuple(t.shape), t.dtype) for n, t in _load_bin(shard).items()}
 
 
-def _open_shard(shard: Path):
-    if shard.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        return safe_open(shard, "pt")
+def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
     # mmap needs torch's zip format; files in the legacy format are read whole.
     state = _load_pickle(shard, "cpu", mmap=zipfile.is_zipfile(shard))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -175,50 +184,52 @@ def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 else dtype
 
 
-def _add(base: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _add(base: torch.Tensor | None, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``base`` zero-padded to ``delta``'s rows, plus ``delta``; rounded once to ``out_dtype``.
 
-    Shapes: base ``(b_rows, *rest)``, delta ``(rows, *rest)`` with ``b_rows <= rows``.
+    Shapes: base ``(b_rows, *rest)`` (or None: all padding), delta ``(rows, *rest)``, ``b_rows <= rows``.
     """
-    c = _compute_dtype(base.dtype, delta.dtype, out_dtype)
+    c = _compute_dtype(delta.dtype, out_dtype, *([base.dtype] if base is not None else []))
     out = delta.to(c, copy=True)
-    out[: base.shape[0]] += base.to(c)
+    if base is not None:
+        out[: base.shape[0]].add_(base)  # upcast on the fly, no temporary copy of base
     return out.to(out_dtype)
 
 
-def _subtract(target: torch.Tensor, base: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """``target - base`` (base zero-padded), such that ``_add(base, result)`` gives back ``target``.
+def _subtract(target: torch.Tensor, base: torch.Tensor | None, out_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``target - base`` (base zero-padded to ``target``'s rows), rounded once to ``out_dtype``.
 
-    Rounding ``target - base`` can make ``(target - base) + base`` miss ``target`` by an ulp; such
-    elements are stepped one ulp towards the right answer (twice at most). Returns the delta and
-    the number of elements that still do not round-trip (only possible when base and target differ
-    by orders of magnitude).
+    Returns the delta and the number of elements where ``_add(base, delta)`` does not give back
+    ``target`` exactly. In fp32 we have not seen it happen for a target made by adding something
+    to the base in fp32 (a fine-tune, or :func:`apply_delta`'s output); in fp16 it happens where
+    ``target - base`` is not representable in fp16 (e.g. tiny differences in the subnormal range),
+    for a fraction of a percent of the elements of a fine-tune: an fp32 delta is exact there.
     """
-    c = _compute_dtype(base.dtype, target.dtype, out_dtype)
+    c = _compute_dtype(target.dtype, out_dtype, *([base.dtype] if base is not None else []))
     delta = target.to(c, copy=True)
-    delta[: base.shape[0]] -= base.to(c)
+    if base is not None:
+        delta[: base.shape[0]].sub_(base)
     delta = delta.to(out_dtype)
-    if not out_dtype.is_floating_point:
-        return delta, 0
     want = target.to(out_dtype)
-    for _ in range(2):
-        back = _add(base, delta, out_dtype)
-        bad = (back != want) & torch.isfinite(want)
-        if not bad.any():
-            return delta, 0
-        toward = torch.where(want.to(c) > back.to(c), math.inf, -math.inf).to(out_dtype)
-        delta = torch.where(bad, torch.nextafter(delta, toward), delta)
-    bad = (_add(base, delta, out_dtype) != want) & torch.isfinite(want)
-    return delta, int(bad.sum())
+    missed = _add(base, delta, out_dtype) != want
+    if out_dtype.is_floating_point:
+        missed &= ~torch.isnan(want)
+    return delta, int(missed.sum())
 
 
-def _chunks(base: torch.Tensor, other: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Row chunks ``(base[s:e], other[s:e])`` of about CHUNK_ELEMENTS; base may have fewer rows."""
-    if other.dim() == 0:
-        base, other = base.reshape(1), other.reshape(1)
-    step = max(1, CHUNK_ELEMENTS // max(1, other[0].numel()))
-    for start in range(0, other.shape[0], step):
-        yield base[start : start + step], other[start : start + step]
+def _chunks(base, base_rows: int, other, shape: tuple[int, ...]) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
+    """Read ``(base[a:b], other[a:b])`` row chunks of about CHUNK_ELEMENTS elements.
+
+    ``base`` has ``base_rows <= shape[0]`` rows; past them its chunk is shorter, or None.
+    ``base`` / ``other`` are :meth:`ShardedReader.get` results; ``shape`` is other's shape.
+    """
+    if not shape:  # 0-dim
+        yield base[...].reshape(1), other[...].reshape(1)
+        return
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        yield (base[start : min(stop, base_rows)] if start < base_rows else None), other[start:stop]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,10 +307,12 @@ def make_delta(
 ) -> DeltaResult:
     """Write ``target - base`` (base zero-padded to the target's vocab) to the folder ``delta_path``.
 
-    The inverse of :func:`apply_delta`: applying the result to the same base gives back the target
-    bit for bit (elements where that is impossible are counted in ``inexact_elements`` and logged).
-    Output tensors take the target's dtype unless ``dtype`` is given; the target's config and
-    tokenizer files are copied.
+    The inverse of :func:`apply_delta`: applying the result to the same base gives back the target.
+    Every element is checked; those where floating point makes the round trip inexact are counted
+    in ``inexact_elements`` and logged (in fp32, none seen for a target made by adding to the base;
+    a fraction of a percent for fp16 fine-tunes, where ``dtype=torch.float32`` makes it exact).
+    Output tensors take the target's dtype unless ``dtype`` is given (FastChat's deltas are fp16);
+    the target's config and tokenizer files are copied.
     """
     return _stream(
         Path(base_path), Path(target_path), Path(delta_path),
@@ -340,15 +353,14 @@ def _stream(
             with atomic_path(out_dir / file_name) as tmp, open(tmp, "wb") as f:
                 f.write(header)
                 for name, shape, out_dtype in shard_entries:
-                    b, o = base.get(name), other.get(name)
-                    for b_chunk, o_chunk in _chunks(b, o):
+                    b_rows = base.info[name].shape[0] if shape else 1
+                    for b_chunk, o_chunk in _chunks(base.get(name), b_rows, other.get(name), shape):
                         if subtract:
                             chunk, n_bad = _subtract(o_chunk, b_chunk, out_dtype)
                             inexact += n_bad
                         else:
                             chunk = _add(b_chunk, o_chunk, out_dtype)
                         f.write(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
-                    del b, o
                     bar.update(math.prod(shape) * out_dtype.itemsize)
                 if f.tell() != len(header) + sum(math.prod(s) * d.itemsize for _, s, d in shard_entries):
                     raise CheckpointError(f"{out_dir / file_name}: internal error: wrote {f.tell()} bytes, header says otherwise")
@@ -360,7 +372,10 @@ def _stream(
         with atomic_path(out_dir / "model.safetensors.index.json") as tmp:
             tmp.write_text(json.dumps(index, indent=2) + "\n")
     if inexact:
-        logger.warning("%s: %d elements cannot round-trip exactly (base and target differ by orders of magnitude there)", out_dir, inexact)
+        logger.warning(
+            "%s: %d of %d elements will not give back the target exactly when applied (off by about "
+            "an ulp: target - base is not representable in the delta's dtype there); a float32 "
+            "delta avoids this", out_dir, inexact, sum(math.prod(s) for _, s, _ in entries))
     logger.info("Wrote %s: %d tensors in %d shard(s), %.2f GB", out_dir, len(entries), len(plan), total / 1e9)
     return DeltaResult(out_dir, sorted(p.name for p in out_dir.iterdir()), len(entries), vocab, total, inexact)
 

@@ -1,0 +1,295 @@
+"""Safe checkpoint I/O: load without running pickled code, save without ever leaving half a file.
+
+Used by the models (loading the released branch checkpoints), the runner (saving and resuming) and
+the conversion tools (``apply_delta.py``).
+
+Formats:
+- ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt``: ``torch.save`` pickles, always read with
+  ``torch.load(weights_only=True)``. A file that needs arbitrary code to unpickle is refused.
+  The original Video-LLaMA's runner checkpoints, ``{"model": state_dict, "optimizer": AdamW state,
+  "config": plain dict, "scaler": dict or None, "epoch": int}``, load fine this way: their config
+  was stored as a plain container, not an OmegaConf object. A file whose ``config`` is an OmegaConf
+  ``DictConfig`` (or holds e.g. ``pathlib.Path``) is refused; :func:`load_file`'s error says how to
+  convert it.
+- ``.safetensors``: read with safetensors.
+- Hugging Face model folders: :func:`iter_checkpoint_shards` lists their weight files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import re
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from videollm.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+# Hugging Face folder layouts, in order of preference: (index file, single file).
+HF_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+_CONVERT_HINT = (
+    "If you trust this file, convert it once to a safe one, e.g. in Python: "
+    "`obj = torch.load(path, weights_only=False)`, keep only tensors and plain "
+    "dicts/lists/numbers/strings (e.g. `OmegaConf.to_container(obj['config'])`), then "
+    "`videollm.checkpoint.save_atomic(obj, new_path)`; or allow the named class explicitly with "
+    "`torch.serialization.add_safe_globals([...])` before loading."
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load one checkpoint file into a dict, never executing code stored in it.
+
+    Raises:
+        CheckpointError: the file is missing, of an unknown type, corrupt, not a dict, or needs
+            arbitrary code to unpickle (the message names the offending global).
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"{path}: checkpoint {what}")
+    suffix = path.suffix.lower()
+    if suffix == SAFETENSORS_SUFFIX:
+        obj = _load_safetensors(path, map_location)
+    elif suffix in PICKLE_SUFFIXES:
+        obj = _load_pickle(path, map_location)
+    else:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint type {suffix!r}; expected one of "
+            f"{', '.join(PICKLE_SUFFIXES + (SAFETENSORS_SUFFIX,))}"
+        )
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def _load_safetensors(path: Path, map_location) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file as st_load
+
+    try:
+        return st_load(path, device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+
+
+def _load_pickle(path: Path, map_location, mmap: bool = False) -> object:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        # torch reports a forbidden class as "... GLOBAL module.name ..."; anything else the
+        # restricted unpickler trips on is garbage, not a security matter.
+        found = re.search(r"GLOBAL\s+([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: unpickling it would run arbitrary code (it needs "
+                f"{found.group(1)}, which torch.load(weights_only=True) does not allow). "
+                + _CONVERT_HINT
+            ) from e
+        raise CheckpointError(f"{path}: corrupt or not a torch checkpoint ({_first_line(e)})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def load_model_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict stored at ``path``: ``ckpt["model"]`` of a runner checkpoint, or the dict
+    itself when it already maps names to tensors. A Hugging Face folder gives all its shards merged.
+    """
+    path = Path(path)
+    if path.is_dir():
+        state: dict[str, torch.Tensor] = {}
+        for shard in iter_checkpoint_shards(path):
+            state.update(load_model_state(shard, map_location))
+        return state
+    obj = load_file(path, map_location)
+    state = obj["model"] if isinstance(obj.get("model"), Mapping) else obj
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: not a state dict: entry {key!r} is a {type(value).__name__}, not a "
+                f"tensor (top-level keys: {sorted(map(str, obj))[:8]})"
+            )
+    return dict(state)
+
+
+def iter_checkpoint_shards(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a Hugging Face model folder, in shard order.
+
+    Prefers safetensors over ``.bin`` and an index json over a single file, as transformers does.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a model folder (does it exist?)")
+    for index_name, single_name in HF_LAYOUTS:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: malformed index json ({e})") from e
+            shards = [folder / name for name in sorted(set(weight_map.values()))]
+            for shard in shards:
+                if not shard.is_file():
+                    raise CheckpointError(f"{index}: lists shard {shard.name}, which is missing from {folder}")
+            return shards
+        if (folder / single_name).is_file():
+            return [folder / single_name]
+    present = sorted(p.name for p in folder.iterdir())[:12]
+    raise CheckpointError(
+        f"{folder}: no model weights found (looked for "
+        f"{', '.join(n for layout in HF_LAYOUTS for n in layout)}; folder has {present})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on a clean exit, fsync it and move it onto ``path``.
+
+    If the block raises (or the process dies) the final name is untouched: it keeps its old
+    content or stays absent, and the temporary file is removed (or, after a kill, left as a hidden
+    ``.NAME.*.tmp`` that never shadows a real checkpoint).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform/filesystem.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_atomic(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)``, all or nothing (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Save ``tensors`` as a safetensors file, all or nothing.
+
+    ``{"format": "pt"}`` is added to the metadata: transformers refuses safetensors files without it.
+    """
+    from safetensors.torch import save_file
+
+    meta = {"format": "pt", **dict(metadata or {})}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting missing / unexpected keys
+# ----------------------------------------------------------------------------------------------
+
+
+def report_load(
+    missing: Iterable[str],
+    unexpected: Iterable[str],
+    *,
+    expected_missing_prefixes: Iterable[str] = (),
+    expected_unexpected_patterns: Iterable[str] = (),
+    strict: bool = True,
+    source: str = "checkpoint",
+) -> str:
+    """Summarise a ``load_state_dict(strict=False)`` result in one message, and judge it.
+
+    Args:
+        missing / unexpected: the two key lists ``load_state_dict`` returns.
+        expected_missing_prefixes: key prefixes that may be missing (e.g. the frozen
+            ``"llama_model."``, ``"visual_encoder."``, which branch checkpoints do not hold).
+        expected_unexpected_patterns: regular expressions (``re.search``) for keys the file may
+            carry that the model does not have (e.g. ``r"rotary_emb\\.inv_freq$"`` of old checkpoints).
+        strict: raise :class:`CheckpointError` if any key falls outside the expected sets;
+            otherwise log a warning.
+        source: the file name, for the message.
+
+    Returns:
+        The summary (also logged).
+    """
+    prefixes = tuple(expected_missing_prefixes)
+    patterns = [re.compile(p) for p in expected_unexpected_patterns]
+    missing, unexpected = list(missing), list(unexpected)
+    bad_missing = [k for k in missing if not k.startswith(prefixes)]
+    bad_unexpected = [k for k in unexpected if not any(p.search(k) for p in patterns)]
+    n_ok_missing = len(missing) - len(bad_missing)
+    n_ok_unexpected = len(unexpected) - len(bad_unexpected)
+
+    lines = [f"{source}: loaded with {len(missing)} missing and {len(unexpected)} unexpected keys"]
+    if bad_missing:
+        lines.append(f"  NOT expected, missing from the file ({len(bad_missing)}): {_group(bad_missing)}")
+    if bad_unexpected:
+        lines.append(f"  NOT expected, in the file but not in the model ({len(bad_unexpected)}): {_group(bad_unexpected)}")
+    if n_ok_missing:
+        lines.append(f"  expected missing: {n_ok_missing} (under {', '.join(prefixes)})")
+    if n_ok_unexpected:
+        lines.append(f"  expected unexpected: {n_ok_unexpected} (matching {', '.join(p.pattern for p in patterns)})")
+    summary = "\n".join(lines)
+
+    if bad_missing or bad_unexpected:
+        if strict:
+            raise CheckpointError(
+                summary + "\n  Is this the right checkpoint for this model? "
+                "(pass strict=False to load anyway)"
+            )
+        logger.warning(summary)
+    else:
+        logger.info(summary)
+    return summary
+
+
+def _group(keys: list[str], per_group: int = 3) -> str:
+    """``"llama_proj: 2 [llama_proj.weight, llama_proj.bias]; ..."`` grouped by top-level module."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        groups[key.split(".", 1)[0]].append(key)
+    parts = []
+    for prefix, names in groups.items():
+        shown = ", ".join(names[:per_group]) + (", ..." if len(names) > per_group else "")
+        parts.append(f"{prefix}: {len(names)} [{shown}]")
+    return "; ".join(parts)
