@@ -13,7 +13,7 @@ OUT := output/tiny_synthetic
 .PHONY: setup sysdeps test test-fast demo data train-tiny bench clean
 
 $(STAMP): pyproject.toml
-	@command -v ffmpeg >/dev/null 2>&1 || $(MAKE) sysdeps
+	@(command -v ffmpeg && command -v chromium) >/dev/null 2>&1 || $(MAKE) sysdeps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch 2.13 first (a local wheel here); GPU users install their own torch.
@@ -26,9 +26,9 @@ setup: $(STAMP)
 
 sysdeps:
 	@if [ "$$(id -u)" = "0" ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg chromium >/dev/null; \
 	else \
-		echo "ffmpeg missing: install it with your package manager (apt-get install ffmpeg)"; \
+		echo "ffmpeg/chromium missing: install them with your package manager (apt-get install ffmpeg chromium)"; \
 	fi
 
 test: $(STAMP)
