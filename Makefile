@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch 2.13 first (a local wheel here); GPU users install their own torch.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	$(PY) -m pip install -q "torchcodec>=0.5" || echo "torchcodec unavailable: the decord and PyAV backends remain"
+	$(PY) -m pip install -q "torchcodec==0.13.0" || echo "torchcodec unavailable: the decord and PyAV backends remain"
 	touch $(STAMP)
 
 setup: $(STAMP)

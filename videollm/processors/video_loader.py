@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import threading
+import traceback
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
@@ -191,7 +192,7 @@ class VideoReader(ABC):
         return self.get_frames(indices)
 
     def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the file."""
+        """Release the file and every native decoder object now (see :func:`decode_video`)."""
 
 
 class VideoBackend(ABC):
@@ -288,6 +289,7 @@ class _PyAVReader(VideoReader):
         import av
 
         self.path = path
+        self._frames = self._graph = self._stream = None
         self._container = av.open(path, metadata_errors="ignore")
         if not self._container.streams.video:
             has_audio = bool(self._container.streams.audio)
@@ -316,6 +318,7 @@ class _PyAVReader(VideoReader):
         self.num_frames = len(pts)
         declared = stream.frames
         if declared and declared > self.num_frames:
+            self.close()
             raise VideoDecodeError(
                 f"{path}: truncated: the container declares {declared} frames but only "
                 f"{self.num_frames} are present"
@@ -423,7 +426,12 @@ class _PyAVReader(VideoReader):
 
     def close(self) -> None:
         self._frames = None
-        self._container.close()
+        self._graph = None
+        if self._container is not None:
+            self._container.close()
+        # Drop the stream too: its codec context (and FFmpeg's frame threads) is freed with it.
+        self._container = None
+        self._stream = None
 
 
 @register_backend("pyav")
@@ -464,7 +472,7 @@ class _DecordReader(VideoReader):
         return batch.numpy() if isinstance(batch, torch.Tensor) else batch.asnumpy()
 
     def close(self) -> None:
-        del self._vr
+        self._vr = None
 
 
 @register_backend("decord")
@@ -510,6 +518,7 @@ class _TorchCodecReader(VideoReader):
         # seek_mode="exact" scans the file: num_frames counts the frames really present.
         header, content = meta.num_frames_from_header, meta.num_frames_from_content
         if header and content is not None and header > content:
+            self._dec = None  # free the native decoder now, not whenever the traceback dies
             raise VideoDecodeError(
                 f"{path}: truncated: the container declares {header} frames but only {content} are present"
             )
@@ -522,6 +531,9 @@ class _TorchCodecReader(VideoReader):
 
     def get_frames(self, indices: Sequence[int]) -> np.ndarray:
         return self._dec.get_frames_at(list(indices)).data.numpy()
+
+    def close(self) -> None:
+        self._dec = None
 
 
 @register_backend("torchcodec")
@@ -605,6 +617,22 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
 
 
+def _release_frames(exc: BaseException) -> None:
+    """Drop the local variables held by the tracebacks of ``exc`` and of its causes.
+
+    A traceback keeps every frame's locals alive, and with them half-closed decoder objects.
+    Freed later by the garbage collector inside a fork()ed DataLoader worker, an FFmpeg codec
+    context that used frame threads in the parent blocks forever in pthread_cond_destroy
+    (observed with torchcodec). Readers close() their native objects explicitly; this makes
+    sure no frame still points at them. Line numbers of the traceback are kept.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
 def _check_file(path: str) -> None:
     if not os.path.exists(path):
         raise VideoDecodeError(f"{path}: no such file")
@@ -655,6 +683,13 @@ def decode_video(
 
     def work() -> DecodedVideo:
         try:
+            return decode()
+        except BaseException as exc:
+            _release_frames(exc)
+            raise
+
+    def decode() -> DecodedVideo:
+        try:
             reader = impl.open(path, height=height, width=width, threads=threads)
         except VideoDecodeError:
             raise
@@ -668,8 +703,16 @@ def decode_video(
             keys = reader.key_frame_indices() if sampling == "keyframe" else None
             if sampling == "keyframe" and not keys:
                 keys = [0]  # no key frame flags in the index: frame 0 is always decodable
-            indices = sample_indices(vlen, n, sampling, native_fps=reader.fps, fps=fps, max_frames=max_frames,
-                                     key_frames=keys, rng=rng)
+            try:
+                indices = sample_indices(vlen, n, sampling, native_fps=reader.fps, fps=fps, max_frames=max_frames,
+                                         key_frames=keys, rng=rng)
+            except ValueError as exc:
+                raise VideoDecodeError(f"{path}: {exc}") from None
+            if not indices:
+                raise VideoDecodeError(
+                    f"{path}: sampling='{sampling}' picks no frame from {vlen} frames with n_frms={n_frms} "
+                    "(headtail needs at least 2 frames)"
+                )
             unique = sorted(set(indices))
             try:
                 if sampling == "keyframe":
