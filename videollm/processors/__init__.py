@@ -6,6 +6,7 @@ decoding: :func:`load_video` (backends ``pyav``, ``decord``, ``torchcodec``; see
 :mod:`videollm.processors.video_loader`).
 """
 
+from videollm.processors.audio import ImageBindAudioProcessor, NoAudioStreamError, load_and_transform_audio
 from videollm.processors.image_processors import Blip2ImageEvalProcessor, Blip2ImageTrainProcessor, load_image
 from videollm.processors.text_processors import BlipCaptionProcessor, pre_caption
 from videollm.processors.transforms import CLIP_MEAN, CLIP_STD, BaseProcessor
@@ -21,6 +22,9 @@ from videollm.processors.video_loader import (
 from videollm.processors.video_processors import AlproVideoEvalProcessor, AlproVideoTrainProcessor
 
 __all__ = [
+    "ImageBindAudioProcessor",
+    "NoAudioStreamError",
+    "load_and_transform_audio",
     "AlproVideoEvalProcessor",
     "AlproVideoTrainProcessor",
     "BaseProcessor",
