@@ -1,1 +1,7 @@
-"""Registered parts; importing this package registers them."""
+"""Tasks; importing this package registers ``video_text_pretrain``, ``image_text_pretrain`` and
+``instruction_tuning``."""
+
+from videollm.tasks.base_task import BaseTask, setup_task
+from videollm.tasks.video_text import ImageTextPretrainTask, InstructionTuningTask, VideoTextPretrainTask
+
+__all__ = ["BaseTask", "ImageTextPretrainTask", "InstructionTuningTask", "VideoTextPretrainTask", "setup_task"]
