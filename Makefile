@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := dev,demo
+EXTRAS := dev,demo,deepspeed
 DATA := data/synthetic
 OUT := output/tiny_synthetic
 
@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 $(DATA)/manifest.json: | $(STAMP)
-	$(PY) -m videollm.synthetic --out $(DATA) --seed 0
+	$(PY) -m videollm.synthetic --out $(DATA) --seed 0 --num-videos 480 --duration 4
 
 data: $(DATA)/manifest.json
 

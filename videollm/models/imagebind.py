@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from videollm.errors import CheckpointError, ConfigError, DataError, closest
+from videollm.models.eva_vit import DropPath  # stochastic depth, shared with the EVA ViT
 
 logger = logging.getLogger(__name__)
 
@@ -244,24 +245,6 @@ class SelfAttention(nn.Module):
 
         out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
         return self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a whole sample's residual branch with probability p."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class Mlp(nn.Module):
