@@ -38,12 +38,14 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 $(DATA)/manifest.json: | $(STAMP)
-	$(PY) -m videollm.synthetic --out $(DATA) --seed 0 --num-videos 480 --duration 4
+	$(PY) -m videollm.synthetic --out $(DATA) --seed 0 --num-videos 480
 
 data: $(DATA)/manifest.json
 
+# Stage 1 (captions; writes eval_results.json on held-out clips), then stage 2 (questions).
 train-tiny: data
 	$(PY) train.py --cfg-path train_configs/tiny_synthetic.yaml
+	$(PY) train.py --cfg-path train_configs/tiny_synthetic_chat.yaml
 
 demo: train-tiny
 	$(PY) demo.py --cfg-path eval_configs/tiny.yaml

@@ -687,10 +687,12 @@ def build_chat_from_args(args) -> Tuple["Chat", str, List[str]]:
     model.eval()
 
     vis_processor = None
+    n_frms = 8  # the original's chat samples 8 frames
     proc_cfg = OmegaConf.select(cfg, "datasets.webvid.vis_processor.train")
     if proc_cfg is not None:
         vis_processor = registry.get_processor_class(str(proc_cfg.name)).from_config(proc_cfg)
-    chat = Chat(model, vis_processor, device=device)
+        n_frms = int(proc_cfg.get("n_frms", n_frms))  # a model trained on fewer frames is asked with as many
+    chat = Chat(model, vis_processor, device=device, n_frms=n_frms)
     model_type = args.model_type or model_type_from_config(str(model_cfg.get("model_type", "")))
     return chat, model_type, notices
 

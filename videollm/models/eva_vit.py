@@ -203,6 +203,9 @@ class EVAVisionTransformer(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing from 0 to this over the blocks.
         layer_norm_eps: LayerNorm eps (1e-6 for EVA).
         use_checkpoint: recompute each block in the backward pass (saves activation memory).
+        pos_embed_init_std: std of the random position embedding (EVA: 0.02). Only matters when
+            training from scratch: on flat synthetic frames a larger value lets the Q-Former's
+            attention pooling see where a patch is, which motion needs.
 
     Shapes: ``forward(x)``: (batch, in_chans, H, W) -> (batch, 1 + num_patches, embed_dim),
     token 0 is CLS.
@@ -223,8 +226,10 @@ class EVAVisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         layer_norm_eps: float = EVA_G_LN_EPS,
         use_checkpoint: bool = False,
+        pos_embed_init_std: float = 0.02,
     ) -> None:
         super().__init__()
+        self.pos_embed_init_std = pos_embed_init_std
         self.image_size = _pair(img_size, "img_size")
         self.num_features = self.embed_dim = embed_dim
         self.use_checkpoint = use_checkpoint
@@ -245,7 +250,7 @@ class EVAVisionTransformer(nn.Module):
         # EVA/BEiT init: trunc-normal(0.02) for Linear weights, pos_embed and cls_token; zero biases;
         # LayerNorm 1/0; then proj and fc2 of block i (1-based) divided by sqrt(2 i). Irrelevant
         # once the released weights are loaded, but it keeps random-weight models well scaled.
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=self.pos_embed_init_std)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
