@@ -710,8 +710,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             path = export_folder(args.cfg_path, args.out_dir, args.options, link=args.link, overwrite=args.overwrite)
             print(path)
         elif args.command == "inspect":
-            logging.getLogger("videollm").setLevel(logging.WARNING)  # meta builds log a lot
-            report = inspect_checkpoint(args.file, args.cfg_path, args.preset, args.options)
+            pkg_logger = logging.getLogger("videollm")
+            previous = pkg_logger.level
+            pkg_logger.setLevel(logging.WARNING)  # meta builds log a lot
+            try:
+                report = inspect_checkpoint(args.file, args.cfg_path, args.preset, args.options)
+            finally:
+                pkg_logger.setLevel(previous)  # main() may be called in-process
             print(json.dumps(report, indent=1) if args.json else format_inspect(report, show_keys=not args.no_keys))
     except VideoLLMError as e:
         message = " ".join(str(e).split())
