@@ -301,6 +301,10 @@ class _PyAVReader(VideoReader):
         if threads != 1:
             cc.thread_type = "AUTO"
             cc.thread_count = threads  # 0 = FFmpeg picks
+        else:
+            # PyAV's default is slice threading with thread_count 0 (= every core), which would let
+            # each DataLoader worker spread over all cores and stop workers from scaling.
+            cc.thread_count = 1
         # Index: every packet's pts, in presentation order; key frames among them. This reads
         # the file once without decoding (decord builds the same index when it opens a file).
         pts, key_pts = [], []
