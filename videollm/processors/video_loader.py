@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import importlib
 import random
 import sys
 import threading
@@ -201,15 +202,23 @@ class VideoBackend(ABC):
     name: str = ""
     # True if resized decodes reproduce decord's pixels bit-exactly (quirk A1).
     exact_resize: bool = True
+    # The library to import (checked by unavailable_reason), how to install it, and the reader.
+    module: str = ""
+    install_hint: str = ""
+    reader_cls: Type[VideoReader]
 
     @classmethod
-    @abstractmethod
     def unavailable_reason(cls) -> Optional[str]:
         """``None`` if the library imports and works here, else why not (shown to the user)."""
+        try:
+            importlib.import_module(cls.module)
+        except Exception as exc:
+            return f"{cls.module} does not import ({exc}); {cls.install_hint}"
+        return None
 
-    @abstractmethod
     def open(self, path: str, height: int = -1, width: int = -1, threads: int = 0) -> VideoReader:
         """Open ``path``; frames are resized to ``(height, width)`` (-1 keeps that side)."""
+        return self.reader_cls(path, height, width, threads)
 
 
 _BACKENDS: Dict[str, Type[VideoBackend]] = {}
@@ -443,17 +452,7 @@ class PyAVBackend(VideoBackend):
     """PyAV (FFmpeg bindings); resizes with decord's filter graph, so bit-exact with it."""
 
     exact_resize = True
-
-    @classmethod
-    def unavailable_reason(cls) -> Optional[str]:
-        try:
-            import av  # noqa: F401
-        except Exception as exc:
-            return f"PyAV does not import ({exc}); pip install av"
-        return None
-
-    def open(self, path: str, height: int = -1, width: int = -1, threads: int = 0) -> VideoReader:
-        return _PyAVReader(path, height, width, threads)
+    module, install_hint, reader_cls = "av", "pip install av", _PyAVReader
 
 
 # --- decord -------------------------------------------------------------------------------
@@ -484,17 +483,7 @@ class DecordBackend(VideoBackend):
     """decord, the original Video-LLaMA's decoder (reference pixels for quirk A1)."""
 
     exact_resize = True
-
-    @classmethod
-    def unavailable_reason(cls) -> Optional[str]:
-        try:
-            import decord  # noqa: F401
-        except Exception as exc:
-            return f"decord does not import ({exc}); pip install decord"
-        return None
-
-    def open(self, path: str, height: int = -1, width: int = -1, threads: int = 0) -> VideoReader:
-        return _DecordReader(path, height, width, threads)
+    module, install_hint, reader_cls = "decord", "pip install decord", _DecordReader
 
 
 # --- torchcodec ---------------------------------------------------------------------------
@@ -558,8 +547,7 @@ class TorchCodecBackend(VideoBackend):
             )
         return None
 
-    def open(self, path: str, height: int = -1, width: int = -1, threads: int = 0) -> VideoReader:
-        return _TorchCodecReader(path, height, width, threads)
+    reader_cls = _TorchCodecReader
 
 
 # ----------------------------------------------------------------------------------------
