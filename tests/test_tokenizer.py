@@ -3,7 +3,6 @@
 import json
 
 import sentencepiece as spm
-import torch
 
 from videollm.tokenizer import LlamaTokenizer, load_dataset_tokenizer, load_model_tokenizer
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -56,7 +56,7 @@ from torch import nn
 
 from videollm import dist
 from videollm.checkpoint import load_file, save_atomic
-from videollm.errors import CheckpointError, ConfigError, DataError, TrainingError
+from videollm.errors import CheckpointError, ConfigError, TrainingError
 from videollm.registry import registry
 from videollm.runners.lr_sched import build_lr_scheduler
 from videollm.runners.metrics import MetricsWriter
