@@ -177,17 +177,8 @@ class VideoLLAMA(nn.Module):
         # Video branch.
         self.video_frame_position_embedding = nn.Embedding(cfg.max_frame_pos, qformer_hidden)
         self.num_video_query_token = cfg.num_video_query_token
-        video_overrides = {"hidden_size": qformer_hidden, **cfg.video_qformer}
-        for key in ("num_attention_heads", "intermediate_size"):
-            if key in cfg.qformer and key not in cfg.video_qformer:
-                video_overrides[key] = cfg.qformer[key]
-        video_layers = video_overrides.pop("num_hidden_layers", 2)
-        self.video_Qformer, self.video_query_tokens = build_qformer(
-            cfg.num_video_query_token,
-            qformer_hidden,
-            num_hidden_layers=video_layers,
-            cross_attention_freq=video_overrides.pop("cross_attention_freq", 1),
-            **video_overrides,
+        self.video_Qformer, self.video_query_tokens = self._build_branch_qformer(
+            cfg, cfg.num_video_query_token, qformer_hidden, qformer_hidden, cfg.video_qformer
         )
 
         # Audio branch (ImageBind audio + vision towers, audio Q-Former).
@@ -260,21 +251,29 @@ class VideoLLAMA(nn.Module):
             logger.info("ImageBind: %s", summary)
         self.audio_hidden_size = ib_cfg.out_embed_dim
         self.num_audio_query_token = cfg.num_audio_query_token
-        overrides = {"hidden_size": qformer_hidden, **cfg.audio_qformer}
-        for key in ("num_attention_heads", "intermediate_size"):
-            if key in cfg.qformer and key not in cfg.audio_qformer:
-                overrides[key] = cfg.qformer[key]
-        layers = overrides.pop("num_hidden_layers", 2)
-        self.audio_Qformer, self.audio_query_tokens = build_qformer(
-            cfg.num_audio_query_token,
-            self.audio_hidden_size,
-            num_hidden_layers=layers,
-            cross_attention_freq=overrides.pop("cross_attention_freq", 1),
-            **overrides,
+        self.audio_Qformer, self.audio_query_tokens = self._build_branch_qformer(
+            cfg, cfg.num_audio_query_token, self.audio_hidden_size, qformer_hidden, cfg.audio_qformer
         )
         self.audio_llama_proj = nn.Linear(qformer_hidden, llm_hidden)
         # 8 rows, hard-coded in the original: at most 8 audio clips (or frames when training).
         self.audio_position_embedding = nn.Embedding(8, self.audio_hidden_size)
+
+    @staticmethod
+    def _build_branch_qformer(cfg: VideoLLAMAConfig, num_query: int, encoder_width: int, hidden: int, own: Dict[str, Any]):
+        """A video/audio Q-Former as the original's ``init_video_Qformer``: 2 layers, cross-attention
+        in both, ``hidden`` wide like the image Q-Former, whose heads and FFN size it inherits
+        unless ``own`` (the branch's overrides) says otherwise."""
+        overrides = {"hidden_size": hidden, **own}
+        for key in ("num_attention_heads", "intermediate_size"):
+            if key in cfg.qformer and key not in own:
+                overrides[key] = cfg.qformer[key]
+        return build_qformer(
+            num_query,
+            encoder_width,
+            num_hidden_layers=overrides.pop("num_hidden_layers", 2),
+            cross_attention_freq=overrides.pop("cross_attention_freq", 1),
+            **overrides,
+        )
 
     @staticmethod
     def _train_flag(cfg: VideoLLAMAConfig) -> int:
