@@ -51,7 +51,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Buffers that old checkpoints carry but this model does not have (persistent in the original's
 # LLaMA copy / ImageBind): tolerated when loading.
 TOLERATED_UNEXPECTED = ("rotary_emb.inv_freq", "modality_preprocessors.text.mask", "log_logit_scale")
-ENCODER_PREFIXES = ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens", "llama_model.", "audio_encoder.")
 VIDEO_BRANCH = ("video_Qformer.", "video_query_tokens", "video_frame_position_embedding.", "llama_proj.")
 AUDIO_BRANCH = ("audio_Qformer.", "audio_query_tokens", "audio_position_embedding.", "audio_llama_proj.")
 
