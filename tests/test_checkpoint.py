@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 
 import pytest
 import torch
@@ -69,6 +70,20 @@ def test_unsafe_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match=r"evil\.pth: refused: .*arbitrary code.*mkdir") as info:
         ck.load_file(tmp_path / "evil.pth")
     assert "add_safe_globals" in str(info.value) and "convert" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_plain_pickle_needing_code_is_refused_not_called_corrupt(tmp_path, protocol):
+    # pickle.dump (not torch.save) with a modern protocol: torch's safe unpickler stops at an
+    # opcode it does not parse, so the refusal comes from the static scan of the pickle.
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"plain{protocol}.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"w": 1}, "x": _Payload(str(marker))}, f, protocol=protocol)
+    with pytest.raises(CheckpointError, match=r"refused: .*mkdir") as info:
+        ck.load_file(path)
+    assert "corrupt" not in str(info.value)
     assert not marker.exists()
 
 

@@ -106,9 +106,47 @@ def _load_pickle(path: Path, map_location, mmap: bool = False) -> object:
                 f"{found.group(1)}, which torch.load(weights_only=True) does not allow). "
                 + _CONVERT_HINT
             ) from e
+        needed = _pickle_globals(path)
+        if needed:
+            raise CheckpointError(
+                f"{path}: refused: unpickling it would run arbitrary code or build objects that "
+                f"torch.load(weights_only=True) does not allow (it references {', '.join(needed)}). "
+                + _CONVERT_HINT
+            ) from e
         raise CheckpointError(f"{path}: corrupt or not a torch checkpoint ({_first_line(e)})") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from e
+
+
+def _pickle_globals(path: Path, limit: int = 5) -> list[str]:
+    """The ``module.name`` globals a plain (non-zip) pickle file references, read statically with
+    :mod:`pickletools` (nothing is executed); [] for zip checkpoints or unreadable bytes.
+
+    torch's restricted unpickler names the forbidden class only for the pickle protocols it
+    parses; for a protocol-4/5 file written by ``pickle.dump`` it stops at the first unknown
+    opcode, so the scan is what tells "needs code" from "corrupt"."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return []
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    strings.append(str(arg))
+                elif op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                if len(found) >= 50:
+                    break
+    except Exception:  # noqa: BLE001 - garbage bytes: the caller reports the file as corrupt
+        pass
+    unique = list(dict.fromkeys(found))
+    return unique[:limit] + (["..."] if len(unique) > limit else [])
 
 
 def _first_line(e: BaseException) -> str:
