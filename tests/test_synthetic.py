@@ -192,8 +192,8 @@ def test_clip_pixels_match_caption(synthetic_root: Path, manifest: dict):
         expected = np.array(DIRECTION_VECTORS[v["direction"]])
         along = float(move @ expected)
         assert along > 8 and abs(float(move @ expected[::-1])) < 1.5, (v["path"], move)
-        # slow travels ~14 px in 15 frames at 64 px, fast ~36 px.
-        assert (along > 24) == (v["speed"] == "fast"), (v["path"], along)
+        # slow travels ~29 px in 15 frames at 64 px (26.5-31 with jitter), fast ~38 px (35-41.5).
+        assert (along > 33) == (v["speed"] == "fast"), (v["path"], along)
 
 
 def test_wrap_around_keeps_direction_and_long_gop(tmp_path: Path):
@@ -212,7 +212,7 @@ def test_wrap_around_keeps_direction_and_long_gop(tmp_path: Path):
     xs = np.array([centroid(m)[0] for m in masks if m.sum() > 0.95 * full])
     steps = np.diff(xs)
     assert len(xs) > 150  # fully visible in (64 - 16) of every (64 + 16) px of travel
-    assert np.median(steps) < -1.0  # moving left, ~1.9 px per frame
+    assert np.median(steps) < -1.0  # moving left, ~2 px per frame
     assert (steps > 10).sum() >= 1  # it wrapped: re-entered on the right at least once
     assert (steps > 1).sum() <= 10  # but never walked back right
 

@@ -189,6 +189,23 @@ def test_checkpoint_format_log_fields_and_reload(tmp_path):
         assert r["lr"] == pytest.approx(1e-3)
 
 
+def test_save_frozen_weights_puts_the_random_frozen_encoders_in_the_checkpoint(tmp_path):
+    # The tiny preset freezes the ViT and the image Q-Former at random init: without their
+    # weights in the file, a model built in another process (stage 2, the demo) would differ.
+    out = tmp_path / "run"
+    cfg = tiny_config(out, save_frozen_weights=True, keep_last_checkpoints=1)
+    runner = make_runner(cfg)
+    runner.train()
+    ckpt = load_file(out / "checkpoint_0.pth")
+    model = runner.model
+    assert any(not p.requires_grad for p in model.parameters())
+    assert set(ckpt["model"]) == set(model.state_dict())
+    torch.manual_seed(123)  # another random init
+    fresh = VideoLLAMA.from_config(OmegaConf.merge(cfg.model, {"ckpt": str(out / "checkpoint_0.pth")}))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v, msg=k)
+
+
 class CrashingLoader:
     """Wraps a loader and raises after ``n`` batches (a crash in the middle of an epoch)."""
 
@@ -472,3 +489,38 @@ def test_bench_flop_accounting_and_gpu_args():
     assert 3.5e12 < f["encoder_fwd"] < 5e12 and f["encoder_fwd"] > f["llm_fwd"] + f["llm_bwd"]
     args = b.parse_args(["--gpu", "--model-type", "vicuna13b", "--batch-size", "8"])
     assert args.gpu and args.model_type == "vicuna13b" and args.batch_size == 8
+
+
+def test_make_demo_recipes_chain_on_a_few_iterations(tmp_path, synthetic_root):
+    """tiny_synthetic (rendered clips, frozen random encoders saved in the checkpoint, held-out
+    files captioned) -> tiny_synthetic_chat (loads it) -> the chat builds from the stage-2 file."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    stage1, stage2 = tmp_path / "s1", tmp_path / "s2"
+    subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--cfg-path", str(REPO / "train_configs/tiny_synthetic.yaml"), "--options",
+         f"run.output_dir={stage1}", "run.max_epoch=1", "run.iters_per_epoch=3", "run.num_workers=0",
+         f"datasets.synthetic_clips.build_info.val_anno_dir={synthetic_root / 'webvid/test'}",
+         f"datasets.synthetic_clips.build_info.videos_dir={synthetic_root / 'videos'}"],
+        check=True, env=env, cwd=tmp_path, capture_output=True)
+    results = json.loads((stage1 / "eval_results.json").read_text())
+    assert results["synthetic_clips/val"]["metrics"]["num_samples"] == len(
+        (synthetic_root / "webvid/test/part_0.csv").read_text().strip().splitlines()) - 1
+    ckpt = load_file(stage1 / "checkpoint_0.pth")
+    assert any(k.startswith("visual_encoder.") for k in ckpt["model"])  # frozen, but saved
+    assert any(k.startswith("Qformer.") for k in ckpt["model"])
+    subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--cfg-path", str(REPO / "train_configs/tiny_synthetic_chat.yaml"),
+         "--options", f"run.output_dir={stage2}", "run.max_epoch=1", "run.iters_per_epoch=2", "run.num_workers=0",
+         f"model.ckpt={stage1 / 'checkpoint_0.pth'}",
+         f"datasets.webvid_instruct.build_info.anno_dir={synthetic_root / 'videochat/videochat_instruct.json'}",
+         f"datasets.webvid_instruct.build_info.videos_dir={synthetic_root / 'videos'}"],
+        check=True, env=env, cwd=tmp_path, capture_output=True)
+    final = load_file(stage2 / "checkpoint_0.pth")["model"]
+    # stage 2 kept the frozen encoders of stage 1 bit for bit and carries them on to the demo
+    for key in ("visual_encoder.pos_embed", "Qformer.bert.embeddings.LayerNorm.weight", "query_tokens"):
+        assert torch.equal(final[key], ckpt["model"][key]), key
+    cfg = load_config(REPO / "eval_configs/tiny.yaml", [f"model.ckpt={stage2 / 'checkpoint_0.pth'}"])
+    torch.manual_seed(999)
+    model = VideoLLAMA.from_config(cfg.model)
+    for key, value in final.items():
+        assert torch.equal(model.state_dict()[key], value), key

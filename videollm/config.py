@@ -76,6 +76,9 @@ class RunConfig:
     auto_resume: bool = False
     save_freq_iters: int = 0
     keep_last_checkpoints: int = 2
+    # also write the frozen weights into checkpoint_N.pth (for models whose frozen parts are random,
+    # e.g. the tiny recipes; released encoders are loaded from their own files instead)
+    save_frozen_weights: bool = False
     # logging
     log_freq: int = 10
     tensorboard: bool = False

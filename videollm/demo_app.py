@@ -340,7 +340,7 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
                 )
         gr.Examples(
             examples=[[str(examples["red_circle_right_with_sound.mp4"]), "What is moving in the video?"],
-                      [str(examples["blue_square_up.mp4"]), "Which way does the shape move?"]],
+                      [str(examples["blue_square_up.mp4"]), "Which direction is the shape moving?"]],
             inputs=[video, text_input], label="Video examples",
         )
         gr.Examples(examples=[[str(examples["yellow_triangle.jpg"]), "What shape is this?"]],

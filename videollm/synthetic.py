@@ -18,10 +18,12 @@ About half of the clips carry an AAC track (a sine tone at 16 or 44.1 kHz); the 
 audio stream at all. Clips are H.264 (libx264, yuv420p) in MP4, encoded single-threaded so the
 same seed gives byte-identical files.
 
-Motion: the shape moves along one axis at a constant speed (``slow`` = 0.12, ``fast`` = 0.30 frame
-lengths per second, each jittered by up to 8 %). When the whole trip fits inside the frame (the
-default 2-second clips) the start is chosen so that the shape never leaves the frame; otherwise it
-wraps around: it leaves on one side and re-enters from the other, never reversing direction.
+Motion: the shape moves along one axis at a constant speed (``slow`` = 0.24, ``fast`` = 0.32 frame
+lengths per second, each jittered by up to 8 %: fast enough that 4 frames of a 32-px clip show the
+shape many pixels apart, which a tiny model needs to learn direction; see docs/tiny_training.md).
+When the whole trip fits inside the frame (the default 2-second clips) the start is chosen so that
+the shape never leaves the frame; otherwise it wraps around: it leaves on one side and re-enters
+from the other, never reversing direction.
 
 Layout written by :func:`generate` under ``out_dir``::
 
@@ -82,7 +84,7 @@ DIRECTIONS: Tuple[str, ...] = ("left", "right", "up", "down")
 # Unit step (dx, dy) in image coordinates (y grows downwards).
 DIRECTION_VECTORS: Dict[str, Tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 # Speed in frame lengths (width for left/right, height for up/down) per second.
-SPEEDS: Dict[str, float] = {"slow": 0.12, "fast": 0.30}
+SPEEDS: Dict[str, float] = {"slow": 0.24, "fast": 0.32}
 SPEED_JITTER = 0.08
 TONES: Dict[str, float] = {"low": 220.0, "high": 880.0}
 SAMPLE_RATES: Tuple[int, ...] = (16000, 44100)

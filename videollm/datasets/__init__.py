@@ -8,7 +8,9 @@ Builders (``registry.get_builder_class(name).from_config(cfg).build_datasets()``
   (:mod:`~videollm.datasets.instruct_datasets`);
 * ``cc_sbu``, ``laion``, ``video_shards``: webdataset tar shards
   (:mod:`~videollm.datasets.shard_datasets`; shards written by ``python -m videollm.datasets.shards``,
-  or :func:`videollm.datasets.shards.write_shards`, not imported here so that ``-m`` runs cleanly).
+  or :func:`videollm.datasets.shards.write_shards`, not imported here so that ``-m`` runs cleanly);
+* ``synthetic_clips``: clips rendered on the fly for the tiny recipes
+  (:mod:`~videollm.datasets.synthetic_datasets`).
 
 Bad files become named, counted markers (:mod:`~videollm.datasets.bad_samples`), and
 :func:`~videollm.datasets.mixing.build_train_loader` mixes datasets one per batch by
@@ -39,6 +41,7 @@ from videollm.datasets.instruct_datasets import (
 )
 from videollm.datasets.mixing import MixedLoader, build_train_loader
 from videollm.datasets.shard_datasets import CCSBUBuilder, LaionBuilder, ShardDataset, VideoShardBuilder
+from videollm.datasets.synthetic_datasets import SyntheticClipDataset, SyntheticClipsBuilder
 
 __all__ = [
     "REASONS",
@@ -54,6 +57,8 @@ __all__ = [
     "LlavaInstructDataset",
     "MixedLoader",
     "ShardDataset",
+    "SyntheticClipDataset",
+    "SyntheticClipsBuilder",
     "VideoInstructDataset",
     "VideoShardBuilder",
     "WebvidBuilder",

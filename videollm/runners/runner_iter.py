@@ -300,17 +300,23 @@ class RunnerIter:
         }
 
     def _cpu_model_state(self) -> Dict[str, torch.Tensor]:
-        """Trainable parameters + buffers on CPU; a collective under ZeRO-3 (call on every rank)."""
+        """Trainable parameters + buffers (every weight with ``run.save_frozen_weights``) on CPU; a
+        collective under ZeRO-3 (call on every rank)."""
         return {k: v.detach().cpu() for k, v in self._model_state().items()}
 
     def _model_state(self) -> Dict[str, torch.Tensor]:
+        full = bool(self.run.get("save_frozen_weights", False))
+
+        def pick() -> Dict[str, torch.Tensor]:
+            return self.model.state_dict() if full else self.model.trainable_state_dict()
+
         if self.engine is not None and getattr(self, "zero_stage", 0) == 3:
             import deepspeed
 
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            params = [p for p in self.model.parameters() if full or p.requires_grad]
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.clone() for k, v in self.model.trainable_state_dict().items()}
-        return self.model.trainable_state_dict()
+                return {k: v.clone() for k, v in pick().items()}
+        return pick()
 
     def _optimizer_state(self) -> Optional[Dict[str, Any]]:
         if self.engine is not None:

@@ -1,0 +1,143 @@
+"""Clips rendered on the fly: an endless caption dataset for the tiny recipes (builder ``synthetic_clips``).
+
+Sample ``i`` of the train split is the clip that :mod:`videollm.synthetic` would draw for the
+per-clip seed ``build_info.seed * 1_000_003 + i``: a random shape, colour, direction and speed
+and a random start, rendered straight to frames (no encoding, no decoding), then the frames the
+train processor samples, resized to its ``image_size`` and passed through its ``transform``
+(random resized crop, normalisation). ``num_clips`` sets the length of an epoch; with the
+default of a million no clip is seen twice in a tiny run, so a model cannot memorise the
+training clips and has to learn the attributes.
+
+The optional ``val`` split reads held-out clips from files, in the WebVid layout that
+``python -m videollm.synthetic`` writes (``val_anno_dir`` + ``videos_dir``): evaluation decodes
+real H.264 files, so the numbers include the gap between rendered and decoded frames.
+
+Samples: ``{"image": (3, T, S, S) float, "text_input": str, "type": "video"}`` as ``webvid``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from videollm import synthetic
+from videollm.datasets.base import BaseDatasetBuilder, BuildInfo, CaptionDatasetMixin, DatasetConfig
+from videollm.datasets.caption_datasets import WebvidDataset
+from videollm.errors import ConfigError
+from videollm.processors.video_loader import sample_indices
+from videollm.registry import registry
+
+SEED_STRIDE = 1_000_003
+
+
+class SyntheticClipDataset(CaptionDatasetMixin, Dataset):
+    """``num_clips`` clips rendered on demand; the same index always gives the same clip.
+
+    The processor's own randomness (crop, frame sampling) draws from torch's and Python's
+    global generators, as for decoded clips, so it follows the runner's seeding.
+    """
+
+    def __init__(self, vis_processor: Any, text_processor: Any = None, *, num_clips: int = 1_000_000,
+                 seed: int = 0, width: int = 64, height: int = 64, fps: float = 8.0, duration: float = 2.0) -> None:
+        if num_clips <= 0:
+            raise ConfigError(f"datasets.synthetic_clips.build_info.num_clips: {num_clips} must be positive")
+        if width < 8 or height < 8 or width % 2 or height % 2:
+            raise ConfigError(f"datasets.synthetic_clips.build_info: width={width}, height={height} must be even and >= 8")
+        self.num_frames = int(round(duration * fps))
+        if self.num_frames < 1:
+            raise ConfigError(f"datasets.synthetic_clips.build_info: duration={duration} x fps={fps} gives no frame")
+        for key in ("n_frms", "image_size", "transform"):
+            if not hasattr(vis_processor, key):
+                raise ConfigError(
+                    f"datasets.synthetic_clips.vis_processor: {type(vis_processor).__name__} has no '{key}'; "
+                    "use a video processor (alpro_video_train / alpro_video_eval)"
+                )
+        self.vis_processor = vis_processor
+        self.text_processor = text_processor
+        self.num_clips, self.seed = int(num_clips), int(seed)
+        self.width, self.height, self.fps = int(width), int(height), float(fps)
+
+    def __len__(self) -> int:
+        return self.num_clips
+
+    def spec(self, index: int) -> synthetic.ClipSpec:
+        """The attributes (and trajectory seed) of clip ``index``."""
+        rng = random.Random(self.seed * SEED_STRIDE + int(index))
+        return synthetic.ClipSpec(
+            name=f"synthetic_{index}",
+            shape=rng.choice(synthetic.SHAPES),
+            color=rng.choice(tuple(synthetic.COLORS)),
+            direction=rng.choice(synthetic.DIRECTIONS),
+            speed=rng.choice(tuple(synthetic.SPEEDS)),
+            seed=rng.randrange(1 << 30),
+        )
+
+    def frames(self, index: int) -> torch.Tensor:
+        """The processor's frames of clip ``index`` before its transform: ``(3, T, S, S)`` 0..255."""
+        spec = self.spec(index)
+        n = min(int(self.vis_processor.n_frms), self.num_frames)
+        keep = sample_indices(self.num_frames, n, getattr(self.vis_processor, "sampling", "uniform"))
+        rendered = list(synthetic.render_frames(spec, width=self.width, height=self.height, fps=self.fps,
+                                                num_frames=self.num_frames, seed=spec.seed))
+        clip = torch.from_numpy(np.stack([rendered[i] for i in keep])).permute(3, 0, 1, 2).float()  # (3, T, H, W)
+        size = int(self.vis_processor.image_size)
+        if (self.height, self.width) != (size, size):
+            # The file path resizes while decoding (FFmpeg's bilinear scale); antialiased bilinear
+            # is the closest plain-torch filter.
+            clip = F.interpolate(clip, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            clip = clip.round().clamp_(0, 255)
+        return clip
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        if not 0 <= int(index) < self.num_clips:
+            raise IndexError(f"synthetic_clips: index {index} out of range [0, {self.num_clips})")
+        caption = synthetic.caption_for(self.spec(index))
+        text = self.text_processor(caption) if self.text_processor is not None else caption
+        return {"image": self.vis_processor.transform(self.frames(index)), "text_input": text, "type": "video"}
+
+
+@dataclass
+class SyntheticClipsBuildInfo(BuildInfo):
+    num_clips: int = 1_000_000
+    seed: int = 0
+    width: int = 64
+    height: int = 64
+    fps: float = 8.0
+    duration: float = 2.0
+    # held-out clips from files (WebVid layout of `python -m videollm.synthetic`)
+    val_anno_dir: Optional[str] = None
+    videos_dir: Optional[str] = None
+
+
+@dataclass
+class SyntheticClipsConfig(DatasetConfig):
+    data_type: str = "video"
+    build_info: SyntheticClipsBuildInfo = field(default_factory=SyntheticClipsBuildInfo)
+
+
+@registry.register_builder("synthetic_clips")
+class SyntheticClipsBuilder(BaseDatasetBuilder):
+    name = "synthetic_clips"
+    DATASET_CONFIG_DICT = {"default": "configs/datasets/synthetic_clips/defaults.yaml"}
+    config_schema = SyntheticClipsConfig
+
+    def build(self) -> Dict[str, Dataset]:
+        info = self.config.build_info
+        out: Dict[str, Dataset] = {
+            "train": SyntheticClipDataset(
+                self.require_vis_processor("train"), self.text_processors.get("train"), num_clips=info.num_clips,
+                seed=info.seed, width=info.width, height=info.height, fps=info.fps, duration=info.duration,
+            )
+        }
+        if info.val_anno_dir:
+            if not info.videos_dir:
+                raise ConfigError("datasets.synthetic_clips.build_info.videos_dir: needed with val_anno_dir")
+            out["val"] = WebvidDataset(self.require_vis_processor("eval"), self.text_processors.get("eval"),
+                                       info.videos_dir, info.val_anno_dir, self.config.max_pixels)
+        return out
