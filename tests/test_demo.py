@@ -157,7 +157,7 @@ def test_limits_and_input_rules_get_chat_messages(server, client):
 def test_examples_are_generated(server):
     _, files, _ = server
     names = sorted(p.name for p in files["examples"].iterdir())
-    assert names == ["blue_square_up.mp4", "red_circle_right_with_sound.mp4", "yellow_triangle.jpg"]
+    assert names == ["blue_square_up.mp4", "generator.json", "red_circle_right_with_sound.mp4", "yellow_triangle.jpg"]
     import av
 
     with av.open(str(files["examples"] / "red_circle_right_with_sound.mp4")) as c:
@@ -172,3 +172,18 @@ def test_demo_cli_flags_parse():
                        "--low-resource", "--device-map", "auto", "--vit-on-cpu", "--load-in-4bit"])
     assert (args.model_type, args.gpu_id, args.port, args.host, args.share) == ("llama_v2", 1, 7000, None, False)
     assert args.low_resource and args.load_in_4bit and args.vit_on_cpu and args.device_map == "auto"
+
+
+def test_example_media_are_regenerated_when_the_generator_changes(tmp_path, monkeypatch):
+    from videollm import synthetic
+    from videollm.demo_app import ensure_examples
+
+    first = ensure_examples(tmp_path)
+    clip = first["blue_square_up.mp4"]
+    before = clip.read_bytes()
+    clip.write_bytes(b"stale")  # a file from an older generator...
+    ensure_examples(tmp_path)
+    assert clip.read_bytes() == b"stale"  # ...is kept while the generator is unchanged
+    monkeypatch.setitem(synthetic.SPEEDS, "fast", synthetic.SPEEDS["fast"] * 0.9)
+    ensure_examples(tmp_path)
+    assert clip.read_bytes() not in (b"stale", before)  # rewritten with the new motion

@@ -23,6 +23,7 @@ disk; such a refusal is shown by gradio as an error toast.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -71,10 +72,16 @@ def ensure_examples(folder: os.PathLike | str) -> Dict[str, Path]:
     Two 2-second 64x64 clips (one with a 220 Hz tone, one silent) and one image, from
     :mod:`videollm.synthetic`.
     """
+    from videollm import synthetic
     from videollm.synthetic import ClipSpec, ImageSpec, write_clip, write_image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # Regenerate when the generator's look or motion changed since the files were written.
+    stamp = folder / "generator.json"
+    wanted = json.dumps({"speeds": synthetic.SPEEDS, "shape_fraction": synthetic.SHAPE_FRACTION,
+                         "colors": synthetic.COLORS, "background": synthetic.BACKGROUND}, sort_keys=True)
+    stale = not stamp.is_file() or stamp.read_text() != wanted
     specs = {
         "red_circle_right_with_sound.mp4": ClipSpec("ex1", "circle", "red", "right", "slow", has_audio=True, tone="low", seed=1),
         "blue_square_up.mp4": ClipSpec("ex2", "square", "blue", "up", "fast", seed=2),
@@ -82,15 +89,17 @@ def ensure_examples(folder: os.PathLike | str) -> Dict[str, Path]:
     out: Dict[str, Path] = {}
     for name, spec in specs.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size == 0:
+        if stale or not path.is_file() or path.stat().st_size == 0:
             tmp = path.with_suffix(".tmp.mp4")
             write_clip(tmp, spec)
             tmp.replace(path)
         out[name] = path
     image = folder / "yellow_triangle.jpg"
-    if not image.is_file() or image.stat().st_size == 0:
+    if stale or not image.is_file() or image.stat().st_size == 0:
         write_image(image, ImageSpec("ex3", "triangle", "yellow", seed=3))
     out[image.name] = image
+    if stale:
+        stamp.write_text(wanted)
     return out
 
 
