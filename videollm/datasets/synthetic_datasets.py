@@ -80,7 +80,9 @@ class SyntheticClipDataset(CaptionDatasetMixin, Dataset):
 
     def frames(self, index: int) -> torch.Tensor:
         """The processor's frames of clip ``index`` before its transform: ``(3, T, S, S)`` 0..255."""
-        spec = self.spec(index)
+        return self._frames(self.spec(index))
+
+    def _frames(self, spec: synthetic.ClipSpec) -> torch.Tensor:
         n = min(int(self.vis_processor.n_frms), self.num_frames)
         keep = sample_indices(self.num_frames, n, getattr(self.vis_processor, "sampling", "uniform"))
         rendered = list(synthetic.render_frames(spec, width=self.width, height=self.height, fps=self.fps,
@@ -97,9 +99,10 @@ class SyntheticClipDataset(CaptionDatasetMixin, Dataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         if not 0 <= int(index) < self.num_clips:
             raise IndexError(f"synthetic_clips: index {index} out of range [0, {self.num_clips})")
-        caption = synthetic.caption_for(self.spec(index))
+        spec = self.spec(index)
+        caption = synthetic.caption_for(spec)
         text = self.text_processor(caption) if self.text_processor is not None else caption
-        return {"image": self.vis_processor.transform(self.frames(index)), "text_input": text, "type": "video"}
+        return {"image": self.vis_processor.transform(self._frames(spec)), "text_input": text, "type": "video"}
 
 
 @dataclass
