@@ -33,11 +33,22 @@ from videollm.processors.transforms import (
 )
 from videollm.registry import registry
 
+# The pixel limit of chat, demo and batch inference: the one training uses
+# (videollm.datasets.bad_samples.DEFAULT_MAX_PIXELS, 3840 x 2160; a test keeps them equal).
+# Not imported from there: processors sit below datasets in the import graph.
+DEFAULT_MAX_PIXELS = 3840 * 2160
+
 ImageInput = Union[str, "os.PathLike[str]", Any]  # a path or a PIL.Image.Image
 
 
-def load_image(item: ImageInput) -> Any:
-    """A PIL image as RGB; paths are opened (ImageDecodeError naming the file on failure)."""
+def load_image(item: ImageInput, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Any:
+    """A PIL image as RGB; paths are opened (ImageDecodeError naming the file on failure).
+
+    ``max_pixels``: a file whose header declares more than ``width * height`` pixels is refused
+    BEFORE its pixels are decoded (the limit training uses, :data:`DEFAULT_MAX_PIXELS`; None:
+    no limit of ours, PIL's own decompression-bomb limit still applies and is reported the same
+    way). Images given as PIL objects are already decoded and are not checked.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(item, Image.Image):
@@ -47,10 +58,27 @@ def load_image(item: ImageInput) -> Any:
         if not os.path.isfile(path):
             raise ImageDecodeError(f"{path}: no such file")
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
+            img = Image.open(path)  # reads the header only
+        except Image.DecompressionBombError as exc:
+            # PIL refuses > 2 * Image.MAX_IMAGE_PIXELS at open(); its message gives the size.
+            raise ImageDecodeError(f"{path}: image too large to decode ({exc})") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise ImageDecodeError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        try:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{path}: image too large: {width}x{height} = {width * height} pixels, more than the "
+                    f"{max_pixels} allowed (max_pixels)"
+                )
+            try:
+                return img.convert("RGB")  # decodes the pixels
+            except Image.DecompressionBombError as exc:
+                raise ImageDecodeError(f"{path}: image too large to decode ({exc})") from None
+            except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt data
+                raise ImageDecodeError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        finally:
+            img.close()
     raise ImageDecodeError(f"expected a PIL image or an image path, got {type(item).__name__}")
 
 

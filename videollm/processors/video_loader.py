@@ -9,6 +9,10 @@ exactly like decord, ``uniform`` indices ``np.arange(0, vlen, vlen / n).astype(i
 * a **timeout** on every decode: the work runs in a daemon worker thread and a decode that hangs
   raises :class:`~videollm.errors.VideoDecodeError` instead of stalling the run (the thread
   itself cannot be killed; it is left behind and a warning is logged);
+* for untrusted files (chat and demo uploads), ``isolate=True`` decodes in a child process
+  that is killed at the timeout (:func:`run_isolated`), a **pixel cap** checked from the header
+  before decoding (``max_pixels``, the limit training uses), and :func:`video_duration`, which
+  counts packets when a container declares no duration (browser-recorded WebM);
 * more **sampling strategies** (:data:`SAMPLING_MODES`): ``uniform``, ``headtail``, ``rand``,
   ``middle``, ``fps`` and ``keyframe`` (decodes key frames only: the fast mode for long clips);
 * **errors that name the file and the reason** for every unreadable input.
@@ -46,6 +50,7 @@ import torch
 import torch.utils.data
 
 from videollm.errors import ConfigError, VideoDecodeError, closest
+from videollm.processors.image_processors import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -635,6 +640,240 @@ def _check_file(path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# Untrusted files: pixel cap, duration without metadata, decoding in a killable process
+# ----------------------------------------------------------------------------------------
+
+
+def _check_pixels(path: str, max_pixels: Optional[int]) -> None:
+    """Refuse a stream whose declared ``width * height`` exceeds ``max_pixels``, before decoding.
+
+    Reads the container header with PyAV only (no frame is decoded); a file PyAV cannot open
+    is left to the backend, which names the precise reason.
+    """
+    if max_pixels is None:
+        return
+    try:
+        import av
+    except Exception:  # pragma: no cover - PyAV is a dependency
+        return
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except Exception:
+        return
+    try:
+        if not container.streams.video:
+            return
+        cc = container.streams.video[0].codec_context
+        width, height = int(cc.width or 0), int(cc.height or 0)
+    finally:
+        container.close()
+    if width * height > max_pixels:
+        raise VideoDecodeError(
+            f"{path}: video too large: {width}x{height} = {width * height} pixels per frame, more than the "
+            f"{max_pixels} allowed (max_pixels); nothing was decoded"
+        )
+
+
+@dataclass
+class VideoDuration:
+    """What :func:`video_duration` found.
+
+    ``seconds`` is None when unknown; ``source`` is ``"stream"`` or ``"container"`` (metadata)
+    or ``"packets"`` (counted); ``complete`` is False when counting stopped early (at
+    ``stop_after``, ``max_packets`` or ``budget_s``): ``seconds`` is then a lower bound.
+    ``packets`` is the number of video packets counted (0 for metadata).
+    """
+
+    seconds: Optional[float]
+    source: str
+    complete: bool = True
+    packets: int = 0
+
+
+DEFAULT_MAX_DURATION_PACKETS = 200_000  # 2 h at 25 fps; a cap on the work, not on the answer
+DEFAULT_DURATION_BUDGET_S = 10.0
+
+
+def video_duration(
+    video_path: PathLike,
+    *,
+    stop_after: Optional[float] = None,
+    max_packets: int = DEFAULT_MAX_DURATION_PACKETS,
+    budget_s: float = DEFAULT_DURATION_BUDGET_S,
+) -> VideoDuration:
+    """Duration of the first video stream: from the metadata, else by counting packets.
+
+    Browser-recorded WebM (MediaRecorder, ``live`` Matroska) declares no duration at all; then
+    the video packets are demuxed WITHOUT decoding and the duration is the span of their
+    timestamps (last ``pts + duration`` minus the first ``pts``). Counting stops at
+    ``stop_after`` seconds (enough to refuse), after ``max_packets`` packets or after
+    ``budget_s`` seconds of work; the result then says ``complete=False``.
+
+    Raises:
+        VideoDecodeError: the file cannot be opened, or has no video stream.
+    """
+    import time
+
+    import av
+
+    path = os.fspath(video_path)
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except Exception as exc:
+        raise VideoDecodeError(f"{path}: {_diagnose(path, exc)}") from None
+    try:
+        if not container.streams.video:
+            raise VideoDecodeError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        if stream.duration is not None and stream.time_base is not None:
+            return VideoDuration(float(stream.duration * stream.time_base), "stream")
+        if container.duration is not None:
+            return VideoDuration(container.duration / av.time_base, "container")
+        tb = float(stream.time_base) if stream.time_base is not None else 0.0
+        first = last = None
+        count = 0
+        complete = True
+        deadline = time.monotonic() + budget_s
+        try:
+            for packet in container.demux(stream):
+                p = packet.pts if packet.pts is not None else packet.dts
+                if packet.size == 0 or p is None:
+                    continue
+                count += 1
+                end = p + (packet.duration or 0)
+                first = p if first is None else min(first, p)
+                last = end if last is None else max(last, end)
+                if count >= max_packets or (count % 256 == 0 and time.monotonic() > deadline):
+                    complete = False
+                    break
+                if stop_after is not None and tb and (last - first) * tb > stop_after:
+                    complete = False
+                    break
+        except av.error.FFmpegError as exc:  # damage after the readable part: what was counted stands
+            logger.warning("%s: demuxing stopped after %d packets (%s)", path, count, _first_line(exc))
+        if first is None or not tb:
+            return VideoDuration(None, "packets", complete, count)
+        return VideoDuration((last - first) * tb, "packets", complete, count)
+    finally:
+        container.close()
+
+
+_ISOLATION_PRELOAD = ["videollm.processors.video_loader", "videollm.processors.audio", "av"]
+_isolation_ctx: Any = None
+_isolation_lock = threading.Lock()
+
+
+def _isolation_context() -> Any:
+    """The multiprocessing context of :func:`run_isolated`: forkserver where it exists, else spawn.
+
+    Not ``fork``: the callers (a Gradio server, a chat) run threads, and forking a threaded
+    process can deadlock the child. The forkserver preloads this module (torch, numpy, PyAV),
+    so each decode process starts in milliseconds; spawn (macOS, Windows) re-imports them.
+    """
+    global _isolation_ctx
+    import multiprocessing
+
+    with _isolation_lock:
+        if _isolation_ctx is None:
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload(_ISOLATION_PRELOAD)
+            else:  # pragma: no cover - not Linux
+                ctx = multiprocessing.get_context("spawn")
+            _isolation_ctx = ctx
+        return _isolation_ctx
+
+
+def warm_up_isolation() -> float:
+    """Start the process server of :func:`run_isolated` now (servers call it at startup);
+    returns the seconds it took. Later calls return at once."""
+    import time
+
+    t0 = time.perf_counter()
+    run_isolated(os.getpid, timeout=None, what="warm-up")
+    return time.perf_counter() - t0
+
+
+def _isolated_entry(conn: Any, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+    """Child side of :func:`run_isolated`: run, send ``("ok", value)`` or ``("error", exc)``."""
+    try:
+        result: Tuple[str, Any] = ("ok", fn(*args, **kwargs))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller
+        result = ("error", exc)
+    try:
+        conn.send(result)
+    except Exception as exc:  # an unpicklable value or exception: send its text
+        conn.send(("error", VideoDecodeError(f"{type(exc).__name__} while returning the result: {exc}")))
+    finally:
+        conn.close()
+
+
+_isolated_kills = 0
+
+
+def run_isolated(fn: Callable[..., T], *args: Any, timeout: Optional[float], what: str, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` in a child process; kill it after ``timeout`` seconds.
+
+    Unlike :func:`run_with_timeout`, a timed-out call really stops: the process is killed
+    (SIGKILL) and its CPU and memory come back at once. A child that dies (a decoder crash,
+    the OOM killer) becomes a VideoDecodeError too instead of taking the caller down.
+    ``fn``, the arguments and the result must be picklable (``fn`` at module level); an
+    exception ``fn`` raises is re-raised here. ``timeout`` None waits for as long as it takes.
+    """
+    global _isolated_kills
+    import time
+
+    ctx = _isolation_context()
+    recv_end, send_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_isolated_entry, args=(send_end, fn, args, kwargs), daemon=True,
+                       name=f"videollm-isolated:{os.path.basename(what)}")
+    try:
+        proc.start()
+    except Exception as exc:  # e.g. an argument that does not pickle
+        recv_end.close()
+        send_end.close()
+        raise VideoDecodeError(f"{what}: cannot start the decoding process ({type(exc).__name__}: {exc})") from None
+    send_end.close()  # ours; the child holds its own copy: EOF here once it exits
+    t0 = time.monotonic()
+    try:
+        if not recv_end.poll(timeout):
+            _isolated_kills += 1
+            logger.warning("%s: still running after %.1f s; process killed (%d killed so far)", what, timeout,
+                           _isolated_kills)
+            raise VideoDecodeError(f"{what}: decoding timed out after {timeout:g} s (hanging or very slow file)")
+        try:
+            status, value = recv_end.recv()
+        except (EOFError, OSError):
+            proc.join(5)
+            code = proc.exitcode
+            import signal
+
+            how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in
+                   signal.valid_signals() else f"exit code {code}")
+            raise VideoDecodeError(
+                f"{what}: the decoding process died after {time.monotonic() - t0:.1f} s ({how}; out of memory or "
+                "a decoder crash on this file?)"
+            ) from None
+    finally:
+        recv_end.close()
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        try:
+            proc.close()
+        except ValueError:  # still running after SIGKILL + 5 s (should not happen): leave it to the OS
+            pass
+    if status == "error":
+        raise value
+    return value
+
+
+def _decode_isolated(path: str, kwargs: Dict[str, Any]) -> "DecodedVideo":
+    """Child side of ``decode_video(isolate=True)``: the same decode, inline."""
+    return decode_video(path, **kwargs, timeout=None, isolate=False)
+
+
+# ----------------------------------------------------------------------------------------
 # load_video
 # ----------------------------------------------------------------------------------------
 
@@ -663,6 +902,8 @@ def decode_video(
     fps: float = 1.0,
     rng: RNG = None,
     threads: int = 0,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    isolate: bool = False,
 ) -> DecodedVideo:
     """Open, sample and decode; the work behind :func:`load_video` (same arguments)."""
     path = os.fspath(video_path)
@@ -670,6 +911,13 @@ def decode_video(
         raise ConfigError(f"sampling='{sampling}': unknown{closest(sampling, SAMPLING_MODES)}; use one of {SAMPLING_MODES}")
     _check_file(path)
     impl = get_backend(backend, resize=height > 0 or width > 0)
+    if isolate:
+        return run_isolated(
+            _decode_isolated, path,
+            dict(n_frms=n_frms, height=height, width=width, sampling=sampling, backend=impl, max_frames=max_frames,
+                 fps=fps, rng=rng, threads=threads, max_pixels=max_pixels),
+            timeout=timeout, what=path,
+        )
     if threads == 0 and torch.utils.data.get_worker_info() is not None:
         threads = 1  # one decoder thread per DataLoader worker: workers already fill the cores
 
@@ -681,6 +929,7 @@ def decode_video(
             raise
 
     def decode() -> DecodedVideo:
+        _check_pixels(path, max_pixels)
         try:
             reader = impl.open(path, height=height, width=width, threads=threads)
         except VideoDecodeError:
@@ -750,6 +999,8 @@ def load_video(
     fps: float = 1.0,
     rng: RNG = None,
     threads: int = 0,
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    isolate: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, str]]:
     """Decode ``n_frms`` frames of ``video_path`` as a float tensor ``(3, T, H, W)`` in 0..255.
 
@@ -769,17 +1020,25 @@ def load_video(
             or None for the global RNG (``random`` module: the original's ``headtail`` draws).
         threads: decoder threads; 0 = automatic: 1 inside a DataLoader worker (the workers
             already fill the cores), otherwise the library's default.
+        max_pixels: a stream whose header declares more than ``width * height`` pixels per frame is
+            refused before anything is decoded (default :data:`DEFAULT_MAX_PIXELS`, the limit
+            training uses; None: no limit).
+        isolate: decode in a child process (:func:`run_isolated`) that is KILLED at the
+            timeout, so a hanging file stops using CPU at once, and a decoder crash or
+            out-of-memory kill becomes a VideoDecodeError. For untrusted files (chat, demo
+            uploads); costs a process start per call (see bench/upload_isolation.py). ``rng``
+            must then be picklable, and its state is not advanced in the caller.
 
     Returns:
         frames ``(3, T, H, W)`` float32, or ``(frames, msg)`` with ``return_msg``.
 
     Raises:
         VideoDecodeError: missing, empty, truncated, corrupt or audio-only file, no frames,
-            or timeout; the message names the file.
+            too many pixels, or timeout; the message names the file.
     """
     decoded = decode_video(
         video_path, n_frms, height, width, sampling, backend=backend, timeout=timeout,
-        max_frames=max_frames, fps=fps, rng=rng, threads=threads,
+        max_frames=max_frames, fps=fps, rng=rng, threads=threads, max_pixels=max_pixels, isolate=isolate,
     )
     frms = torch.from_numpy(np.ascontiguousarray(decoded.frames)).permute(3, 0, 1, 2).float()
     if not return_msg:
