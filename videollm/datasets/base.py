@@ -50,7 +50,9 @@ class DatasetConfig:
 
     ``sample_ratio``: weight of this dataset when mixing (one dataset per batch, chosen with
     probability proportional to it). ``max_pixels``: frames or images with more pixels are
-    refused from their header (None: no limit).
+    refused from their header (None: no limit). ``allow_outside_root``: media paths in the
+    annotations may leave the dataset's root (``../``, absolute paths); off by default, such
+    entries are counted ``outside_root`` bad samples.
     """
 
     data_type: str = "video"
@@ -59,6 +61,7 @@ class DatasetConfig:
     vis_processor: Dict[str, Any] = field(default_factory=dict)
     text_processor: Dict[str, Any] = field(default_factory=dict)
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+    allow_outside_root: bool = False
     build_info: BuildInfo = field(default_factory=BuildInfo)
 
 

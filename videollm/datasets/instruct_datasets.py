@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +45,14 @@ from videollm.conversation import (
 from videollm.datasets.bad_samples import (
     DEFAULT_MAX_PIXELS,
     BadInput,
+    check_conversations,
+    check_qa,
     empty_batch,
     field_of,
     guarded,
     load_image_sample,
     load_video_sample,
+    resolve_under,
     split_bad,
 )
 from videollm.datasets.base import BaseDatasetBuilder, BuildInfo, DatasetConfig
@@ -114,29 +116,32 @@ class LlavaInstructDataset(InstructTokenizing, Dataset):
 
     def __init__(self, vis_processor: Any, vis_root: str, ann_path: str, num_video_query_token: int = 32,
                  tokenizer_name: str = "tiny", model_type: str = "vicuna", fix_label_mask: bool = False,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, allow_outside_root: bool = False) -> None:
         super().__init__(tokenizer_name, num_video_query_token, model_type, fix_label_mask)
         self.vis_processor = vis_processor
         self.vis_root = vis_root
+        self.ann_path = str(ann_path)
         self.annotation = read_json_list(ann_path, "LLaVA-Instruct")
         self.max_pixels = max_pixels
+        self.allow_outside_root = allow_outside_root
 
     def __len__(self) -> int:
         return len(self.annotation)
 
     def image_path(self, sample: Dict[str, Any]) -> str:
-        return os.path.join(self.vis_root, "COCO_train2014_" + str(field_of(sample, "image", str)))
+        return resolve_under(self.vis_root, "COCO_train2014_" + str(field_of(sample, "image", str)),
+                             allow_outside=self.allow_outside_root)
 
     def __getitem__(self, index: int) -> Any:
         sample = self.annotation[index]
         try:
             path = self.image_path(sample)
         except BadInput:
-            path = f"<llava entry {index}>"
+            path = f"{self.ann_path}#{index}"
 
         def load() -> Dict[str, Any]:
-            self.image_path(sample)  # re-raise bad_annotation for a missing "image"
-            convs = field_of(sample, "conversations", list)
+            self.image_path(sample)  # re-raise bad_annotation / outside_root
+            convs = check_conversations(field_of(sample, "conversations", list))
             turns = expand_image_placeholders(convs, self.num_video_query_token)
             out = self.tokenize(turns)
             out["image"] = load_image_sample(path, self.vis_processor, self.max_pixels)
@@ -168,13 +173,16 @@ class VideoInstructDataset(InstructTokenizing, Dataset):
 
     def __init__(self, vis_processor: Any, vis_root: str, ann_path: str, num_video_query_token: int = 32,
                  tokenizer_name: str = "tiny", data_type: str = "video", model_type: str = "vicuna",
-                 fix_label_mask: bool = False, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
+                 fix_label_mask: bool = False, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                 allow_outside_root: bool = False) -> None:
         """``vis_processor``: a video processor; its ``transform``, ``n_frms``, ``image_size`` and
         (when present) ``backend``/``timeout`` are used, its own frame sampling is not."""
         super().__init__(tokenizer_name, num_video_query_token, model_type, fix_label_mask)
         self.vis_processor = vis_processor
         self.vis_root = vis_root
+        self.ann_path = str(ann_path)
         self.annotation = read_json_list(ann_path, "VideoChat")
+        self.allow_outside_root = allow_outside_root
         self.n_frms = instruct_frames(vis_processor)
         self.image_size = int(getattr(vis_processor, "image_size", 224))
         self.data_type = data_type
@@ -188,14 +196,18 @@ class VideoInstructDataset(InstructTokenizing, Dataset):
 
     def __getitem__(self, index: int) -> Any:
         sample = self.annotation[index]
-        rel = sample.get("video") if isinstance(sample, dict) else None
-        path = os.path.join(self.vis_root, rel) if isinstance(rel, str) else f"<videochat entry {index}>"
+
+        def video_path() -> str:
+            return resolve_under(self.vis_root, field_of(sample, "video", str), allow_outside=self.allow_outside_root)
+
+        try:
+            path = video_path()
+        except BadInput:
+            path = f"{self.ann_path}#{index}"
 
         def load() -> Dict[str, Any]:
-            field_of(sample, "video", str)
-            qa = field_of(sample, "QA", list)
-            if not qa or not all(isinstance(p, dict) and "q" in p and "a" in p for p in qa):
-                raise BadInput("bad_annotation", "QA must be a non-empty list of {q, a}")
+            video_path()  # re-raise bad_annotation / outside_root
+            qa = check_qa(field_of(sample, "QA", list))
             frames, msg = load_video_sample(path, self._decode, self.n_frms, self.max_pixels)
             if "cn" in self.data_type:
                 msg = ""
@@ -244,7 +256,7 @@ class LlavaInstructBuilder(BaseDatasetBuilder):
         return {"train": LlavaInstructDataset(
             self.require_vis_processor("train"), self.require_build_info("videos_dir"),
             self.require_build_info("anno_dir"), c.num_video_query_token, c.tokenizer_name, c.model_type,
-            c.fix_label_mask, c.max_pixels)}
+            c.fix_label_mask, c.max_pixels, c.allow_outside_root)}
 
 
 @registry.register_builder("webvid_instruct")
@@ -266,7 +278,7 @@ class WebvidInstructBuilder(BaseDatasetBuilder):
             proc, self.require_build_info("videos_dir"), self.require_build_info("anno_dir"),
             num_video_query_token=c.num_video_query_token, tokenizer_name=c.tokenizer_name,
             data_type=c.data_type, model_type=c.model_type, fix_label_mask=c.fix_label_mask,
-            max_pixels=c.max_pixels)}
+            max_pixels=c.max_pixels, allow_outside_root=c.allow_outside_root)}
 
 
 @registry.register_builder("webvid_instruct_zh")

@@ -43,10 +43,13 @@ from videollm.datasets.bad_samples import (
     DEFAULT_MAX_PIXELS,
     BadInput,
     BadSample,
+    check_conversations,
+    check_qa,
     guarded,
     load_image_sample,
     load_video_sample,
     report_bad,
+    text_field,
 )
 from videollm.datasets.base import (
     BaseDatasetBuilder,
@@ -255,9 +258,7 @@ class ShardDataset(IterableDataset):
         raise BadInput("bad_annotation", "no json or txt entry")
 
     def _caption(self, meta: Dict[str, Any]) -> str:
-        caption = meta.get("caption")
-        if not isinstance(caption, str) or not caption.strip():
-            raise BadInput("bad_annotation", "no caption")
+        caption = text_field(meta, "caption")
         return self.text_processor(caption) if self.text_processor is not None else caption
 
     def _image_sample(self, data: bytes, meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -267,9 +268,7 @@ class ShardDataset(IterableDataset):
                     "type": "image"}
         from videollm.conversation import expand_image_placeholders
 
-        convs = meta.get("conversations")
-        if not isinstance(convs, list):
-            raise BadInput("bad_annotation", "an instruction image sample needs 'conversations'")
+        convs = check_conversations(meta.get("conversations"))
         out = self.instruct.tokenize(expand_image_placeholders(convs, self.instruct.num_video_query_token))
         out["image"] = load_image_sample(data, self.vis_processor, self.max_pixels)
         return out
@@ -289,9 +288,7 @@ class ShardDataset(IterableDataset):
         from videollm.conversation import videochat_to_turns
         from videollm.datasets.instruct_datasets import instruct_frames, load_instruct_video
 
-        qa = meta.get("QA")
-        if not isinstance(qa, list) or not qa or not all(isinstance(p, dict) and "q" in p and "a" in p for p in qa):
-            raise BadInput("bad_annotation", "an instruction video sample needs a non-empty 'QA' list of {q, a}")
+        qa = check_qa(meta.get("QA"))
         n = instruct_frames(self.vis_processor)
         frames, msg = load_video_sample(path, lambda p: load_instruct_video(p, self.vis_processor), n, self.max_pixels)
         if "cn" in self.data_type:

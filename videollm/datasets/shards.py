@@ -41,7 +41,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from videollm.datasets.bad_samples import BadInput, check_file, open_image, probe_video
+from videollm.datasets.bad_samples import (
+    BadInput,
+    check_conversations,
+    check_file,
+    check_qa,
+    field_of,
+    name_field,
+    open_image,
+    probe_video,
+    resolve_under,
+    text_field,
+)
 from videollm.datasets.shard_datasets import IMAGE_EXTS, VIDEO_EXTS
 from videollm.errors import ConfigError, DataError
 
@@ -52,10 +63,15 @@ SOURCES = ("webvid", "cc_sbu_align", "llava", "videochat")
 
 @dataclass
 class ShardItem:
-    """One sample to write: a media file plus its json metadata."""
+    """One sample to write: a media file plus its json metadata.
+
+    A converter gives a malformed annotation entry as an item with ``error`` set (and the entry's
+    name, e.g. ``anno.json#12``, as ``media_path``): it is skipped and reported, never written.
+    """
 
     media_path: str
     meta: Dict[str, Any]
+    error: Optional[str] = None
 
 
 @dataclass
@@ -126,6 +142,10 @@ def write_shards(
 
     for item in items:
         path = item.media_path
+        if item.error is not None:
+            report.skipped.append((path, "bad_annotation"))
+            logger.warning("not written: %s: bad_annotation (%s)", path, item.error)
+            continue
         ext = media_ext(path)
         if ext not in VIDEO_EXTS + IMAGE_EXTS:
             report.skipped.append((path, f"unsupported extension '.{ext}'"))
@@ -163,38 +183,72 @@ def write_shards(
 # ----------------------------------------------------------------------------------------
 
 
+def _entry_item(where: str, build: Any) -> ShardItem:
+    """``build()`` -> ShardItem, or an error item for a malformed entry (see :class:`ShardItem`)."""
+    try:
+        return build()
+    except BadInput as exc:
+        return ShardItem(where, {}, error=exc.detail)
+
+
 def webvid_items(anno_dir: str, videos_dir: str) -> Iterator[ShardItem]:
     from videollm.datasets.caption_datasets import read_webvid_annotations
 
     for row in read_webvid_annotations(anno_dir):
-        rel = os.path.join(row["page_dir"], f"{row['videoid']}.mp4")
-        meta = {"caption": row["name"], "videoid": row["videoid"], "page_dir": row["page_dir"], "source": rel}
-        yield ShardItem(os.path.join(videos_dir, rel), meta)
+        def build() -> ShardItem:
+            if "__error__" in row:
+                raise BadInput("bad_annotation", row["__error__"])
+            rel = os.path.join(name_field(row, "page_dir"), f"{name_field(row, 'videoid')}.mp4")
+            resolve_under(videos_dir, rel)
+            meta = {"caption": text_field(row, "name"), "videoid": row["videoid"], "page_dir": row["page_dir"],
+                    "source": rel}
+            return ShardItem(os.path.join(videos_dir, rel), meta)
+
+        yield _entry_item(row["__where__"], build)
 
 
 def cc_sbu_align_items(storage: str) -> Iterator[ShardItem]:
     ann = Path(storage) / "filter_cap.json"
     if not ann.is_file():
         raise DataError(f"{ann}: not found (--storage must hold filter_cap.json and image/)")
-    for a in json.loads(ann.read_text(encoding="utf-8"))["annotations"]:
-        rel = f"image/{a['image_id']}.jpg"
-        yield ShardItem(os.path.join(storage, rel), {"caption": a["caption"], "image_id": a["image_id"], "source": rel})
+    try:
+        entries = json.loads(ann.read_text(encoding="utf-8"))["annotations"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{ann}: expected {{\"annotations\": [{{\"image_id\", \"caption\"}}]}}: {exc}") from None
+    for i, a in enumerate(entries):
+        def build() -> ShardItem:
+            rel = f"image/{name_field(a, 'image_id')}.jpg"
+            resolve_under(storage, rel)
+            return ShardItem(os.path.join(storage, rel),
+                             {"caption": text_field(a, "caption"), "image_id": a["image_id"], "source": rel})
+
+        yield _entry_item(f"{ann}#{i}", build)
 
 
 def llava_items(anno_file: str, images_dir: str) -> Iterator[ShardItem]:
     from videollm.datasets.instruct_datasets import read_json_list
 
-    for s in read_json_list(anno_file, "LLaVA-Instruct"):
-        rel = "COCO_train2014_" + s["image"]
-        meta = {"id": s.get("id"), "image": s["image"], "conversations": s["conversations"], "source": rel}
-        yield ShardItem(os.path.join(images_dir, rel), meta)
+    for i, s in enumerate(read_json_list(anno_file, "LLaVA-Instruct")):
+        def build() -> ShardItem:
+            rel = "COCO_train2014_" + field_of(s, "image", str)
+            resolve_under(images_dir, rel)
+            convs = check_conversations(field_of(s, "conversations", list))
+            meta = {"id": s.get("id"), "image": s["image"], "conversations": convs, "source": rel}
+            return ShardItem(os.path.join(images_dir, rel), meta)
+
+        yield _entry_item(f"{anno_file}#{i}", build)
 
 
 def videochat_items(anno_file: str, videos_dir: str) -> Iterator[ShardItem]:
     from videollm.datasets.instruct_datasets import read_json_list
 
-    for s in read_json_list(anno_file, "VideoChat"):
-        yield ShardItem(os.path.join(videos_dir, s["video"]), {"video": s["video"], "QA": s["QA"], "source": s["video"]})
+    for i, s in enumerate(read_json_list(anno_file, "VideoChat")):
+        def build() -> ShardItem:
+            video = field_of(s, "video", str)
+            path = resolve_under(videos_dir, video)
+            return ShardItem(path, {"video": video, "QA": check_qa(field_of(s, "QA", list)), "source": video})
+
+        yield _entry_item(f"{anno_file}#{i}", build)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

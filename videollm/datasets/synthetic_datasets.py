@@ -142,5 +142,6 @@ class SyntheticClipsBuilder(BaseDatasetBuilder):
             if not info.videos_dir:
                 raise ConfigError("datasets.synthetic_clips.build_info.videos_dir: needed with val_anno_dir")
             out["val"] = WebvidDataset(self.require_vis_processor("eval"), self.text_processors.get("eval"),
-                                       info.videos_dir, info.val_anno_dir, self.config.max_pixels)
+                                       info.videos_dir, info.val_anno_dir, self.config.max_pixels,
+                                       self.config.allow_outside_root)
         return out
