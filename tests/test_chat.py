@@ -284,7 +284,7 @@ def test_infer_jsonl_batches_and_reports_bad_lines(chat, media, tmp_path, monkey
     out = tmp_path / "answers.jsonl"
     err = io.StringIO()
     assert infer.main(["--cfg-path", "unused.yaml", "--input", str(src), "--output", str(out),
-                       "--batch-size", "2", "--max-new-tokens", "8"], err=err) == 0
+                       "--batch-size", "2", "--max-new-tokens", "8"], err=err) == 3  # exit status: lines that failed
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 6
     assert records[0]["id"] == "a" and records[0]["video"] == clips[0] and "answer" in records[0]
