@@ -322,15 +322,25 @@ class _PyAVReader(VideoReader):
         # Index: every packet's pts, in presentation order; key frames among them. This reads
         # the file once without decoding (decord builds the same index when it opens a file).
         pts, key_pts = [], []
+        untimed = 0
         for packet in self._container.demux(stream):
             if packet.size == 0:
                 continue
             p = packet.pts if packet.pts is not None else packet.dts
             if p is None:
+                untimed += 1
                 continue
             pts.append(p)
             if packet.is_keyframe:
                 key_pts.append(p)
+        if not pts and untimed:
+            fmt = self._container.format.name
+            self.close()
+            raise VideoDecodeError(
+                f"{path}: a raw {stream.codec_context.name} elementary stream ({untimed} packets, format {fmt}) "
+                "without timestamps, not a video file in a container; remux it first, e.g. "
+                "ffmpeg -i IN -c copy OUT.mp4"
+            )
         pts.sort()
         self._pts = pts
         self.num_frames = len(pts)
@@ -352,6 +362,8 @@ class _PyAVReader(VideoReader):
         self._frames = None  # decode iterator after the last seek
         self._pos = -1  # index of the last frame taken from _frames
         self.frames_decoded = 0
+        # frames FFmpeg flagged corrupt: it concealed bit errors instead of failing (AV_FRAME_FLAG_CORRUPT)
+        self.corrupt_frames = 0
 
     # Quirk A1: decord scales in YUV with FFmpeg's bilinear swscale, then converts to rgb24.
     def _to_rgb(self, frame: Any) -> np.ndarray:
@@ -389,6 +401,7 @@ class _PyAVReader(VideoReader):
         target = self._pts[index]
         for frame in self._frames:
             self.frames_decoded += 1
+            self.corrupt_frames += bool(frame.is_corrupt)
             p = frame.pts
             if p is None:
                 continue
@@ -430,6 +443,7 @@ class _PyAVReader(VideoReader):
                         continue
                     frames = list(cc.decode(packet)) + list(cc.decode(None))
                     self.frames_decoded += len(frames)
+                    self.corrupt_frames += sum(bool(f.is_corrupt) for f in frames)
                     frame = next((f for f in frames if f.pts == target), frames[0] if frames else None)
                     break
                 cc.flush_buffers()  # leave the draining state for the next packet
@@ -631,12 +645,13 @@ def _release_frames(exc: BaseException) -> None:
 
 
 def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise VideoDecodeError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise VideoDecodeError(f"{path}: is a directory, not a video file")
-    if os.path.getsize(path) == 0:
-        raise VideoDecodeError(f"{path}: empty file (0 bytes)")
+    """VideoDecodeError naming what ``path`` is when it is not a readable regular file with data
+    (a broken link, a named pipe or a device is named as such; a pipe is never opened)."""
+    from videollm.file_checks import describe_path
+
+    problem = describe_path(path)
+    if problem is not None:
+        raise VideoDecodeError(f"{path}: {problem[1]}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -873,6 +888,19 @@ def _decode_isolated(path: str, kwargs: Dict[str, Any]) -> "DecodedVideo":
     return decode_video(path, **kwargs, timeout=None, isolate=False)
 
 
+_warned_decode_errors: set = set()
+
+
+def _warn_decode_errors(path: str, errors: int, returned: int) -> None:
+    """One warning per clip and process: FFmpeg concealed decoding errors (damaged data)."""
+    if path in _warned_decode_errors:
+        logger.debug("%s: %d corrupt frame(s) decoded again", path, errors)
+        return
+    _warned_decode_errors.add(path)
+    logger.warning("%s: %d decoded frame(s) had decoder errors that FFmpeg concealed (damaged or bit-flipped "
+                   "data?); the %d frames returned may show artefacts", path, errors, returned)
+
+
 # ----------------------------------------------------------------------------------------
 # load_video
 # ----------------------------------------------------------------------------------------
@@ -887,6 +915,8 @@ class DecodedVideo:
     num_frames: int
     fps: float
     backend: str
+    # decoded frames the decoder flagged corrupt (errors concealed); PyAV only, 0 for the others
+    decode_errors: int = 0
 
 
 def decode_video(
@@ -969,7 +999,11 @@ def decode_video(
             if unique != indices:  # repeats (keyframe mode) or another order: expand / reorder
                 pos = {idx: i for i, idx in enumerate(unique)}
                 frames = frames[[pos[i] for i in indices]]
-            return DecodedVideo(frames=frames, indices=indices, num_frames=vlen, fps=reader.fps, backend=impl.name)
+            errors = int(getattr(reader, "corrupt_frames", 0))
+            if errors:
+                _warn_decode_errors(path, errors, len(frames))
+            return DecodedVideo(frames=frames, indices=indices, num_frames=vlen, fps=reader.fps, backend=impl.name,
+                                decode_errors=errors)
         finally:
             try:
                 reader.close()
