@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from videollm.checkpoint import is_storage_error, storage_error
 from videollm.delta import DEFAULT_MAX_SHARD_SIZE, apply_delta, make_delta, parse_size
 from videollm.errors import VideoLLMError
 
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         result = fn(args.base, args.target, args.delta, dtype=DTYPES.get(args.dtype), max_shard_size=max_shard_size)
     except VideoLLMError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as e:  # storage failures outside the output folder's writes
+        if not is_storage_error(e):
+            raise
+        print(f"StorageError: {storage_error(e, getattr(e, 'filename', None) or args.target, 'cannot read or write')}", file=sys.stderr)
         return 1
     print(f"Wrote {result.output}: {result.num_tensors} tensors, {result.total_bytes / 1e9:.2f} GB, "
           f"vocab {result.vocab_size}; files: {', '.join(result.files)}")

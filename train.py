@@ -49,6 +49,16 @@ def setup_seeds(seed: int) -> None:
         torch.backends.cudnn.deterministic = True
 
 
+def run_output_dir(args: argparse.Namespace) -> str:
+    """``run.output_dir`` of the config, for messages ("the output folder" if it cannot be read)."""
+    try:
+        from videollm.config import load_config
+
+        return str(load_config(args.cfg_path, args.options).run.output_dir)
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return "the output folder"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
@@ -87,6 +97,16 @@ def main(argv=None) -> dict:
         return summary
     except VideoLLMError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
+        raise SystemExit(1) from None
+    except (OSError, RuntimeError) as exc:
+        # Checkpoints report full/read-only disks as StorageError themselves; this catches the
+        # other writes (config.yaml, the metrics log, DeepSpeed's files).
+        from videollm.checkpoint import is_storage_error, storage_error
+
+        if not is_storage_error(exc):
+            raise
+        error = storage_error(exc, getattr(exc, "filename", None) or run_output_dir(args), "cannot read or write")
+        log.error("StorageError: %s", error)
         raise SystemExit(1) from None
     finally:
         from videollm import dist as _dist

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -136,9 +137,9 @@ def test_save_atomic_failure_keeps_old_file(tmp_path, monkeypatch):
     real_save = torch.save
 
     def dying_save(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)  # write everything, then keep only half, then die
-        data = open(f, "rb").read()
-        open(f, "wb").write(data[: len(data) // 2])
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)  # write half of the file, then die
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise KeyboardInterrupt("killed while saving")
 
     monkeypatch.setattr(torch, "save", dying_save)

@@ -18,11 +18,13 @@ Formats:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import pickle
 import re
+import shutil
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from videollm.errors import CheckpointError
+from videollm.errors import CheckpointError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -209,26 +211,210 @@ def iter_checkpoint_shards(folder: str | os.PathLike) -> list[Path]:
 # ----------------------------------------------------------------------------------------------
 
 
+# errno values that mean "this storage cannot take the write", with the words used in messages.
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large for the file system",
+    errno.EIO: "input/output error (failing disk or lost network storage?)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# What torch's C++ zip writer says when a write fails (it reports no errno).
+_TORCH_WRITE_FAILURES = re.compile(r"PytorchStreamWriter|unexpected pos|file write failed")
+# Temporary siblings made by atomic_path / atomic_folder: ``.NAME.PID.RANDOM.tmp``.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# Below this many free bytes a failed write is blamed on a full device.
+_NEARLY_FULL = 64 * 2**20
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The OS error number behind ``exc``: an ``OSError``'s, or one named in a safetensors message
+    (``... (os error 28)`` / ``code: 28``); None if there is none."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if not (isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError"):
+        return None
+    found = re.search(r"os error (\d+)|code: (\d+)", str(exc))
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True if ``exc`` means the storage refused a write (full, read-only, quota, I/O error, no
+    permission), whether it comes from the OS, from torch's zip writer or from safetensors."""
+    if isinstance(exc, StorageError):
+        return False  # already translated
+    code = _errno_of(exc)
+    if code is not None:
+        return code in STORAGE_ERRNOS
+    return isinstance(exc, RuntimeError) and bool(_TORCH_WRITE_FAILURES.search(str(exc)))
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path if path.is_dir() else path.parent
+
+
+def storage_cause(exc: BaseException, path: str | os.PathLike) -> str:
+    """Why a write to ``path`` failed, in words: from the error number when there is one, else from
+    the state of the device (read-only flag, free space), else the error's first line."""
+    code = _errno_of(exc)
+    if code is not None:
+        return STORAGE_ERRNOS.get(code, os.strerror(code).lower())
+    try:
+        st = os.statvfs(_existing_parent(Path(path)))
+    except OSError:
+        return f"write failed ({_first_line(exc)})"
+    if st.f_flag & os.ST_RDONLY:
+        return "read-only file system"
+    free = st.f_bavail * st.f_frsize
+    if free < _NEARLY_FULL:
+        return f"no space left on device ({free / 2**20:.1f} MiB free)"
+    return f"write failed ({_first_line(exc)}; {free / 2**30:.1f} GiB free there)"
+
+
+def storage_error(exc: BaseException, path: str | os.PathLike, what: str = "cannot write") -> StorageError:
+    """A :class:`StorageError` naming ``path`` and the cause of ``exc`` (see :func:`storage_cause`)."""
+    name = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    where = f" (at {name})" if name and str(name) != str(path) and not _TEMP_NAME.match(Path(name).name) else ""
+    cause = storage_cause(exc, path)
+    return StorageError(f"{path}: {what}: {cause}{where}; nothing there was replaced", path, cause)
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A fresh hidden name next to ``path``: ``.NAME.PID.RANDOM.tmp`` (see :func:`remove_stale_temporaries`)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (someone else's), or we cannot tell: leave its files alone
+    return True
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temporary files and folders that interrupted atomic saves left in ``folder``.
+
+    Only names of the form ``.NAME.PID.RANDOM.tmp`` (what :func:`atomic_path` and
+    :func:`atomic_folder` make) whose process ``PID`` no longer runs are removed; with ``name``,
+    only those of that final name. Returns what was removed (each is logged).
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        found = _TEMP_NAME.match(entry.name)
+        if not found or (name is not None and found.group("name") != name) or _pid_alive(int(found.group("pid"))):
+            continue
+        try:
+            _remove(entry)
+        except OSError as e:
+            logger.warning("could not remove %s, left by an interrupted save: %s", entry, e)
+            continue
+        logger.info("removed %s, left by an interrupted save of %s", entry, found.group("name"))
+        removed.append(entry)
+    return removed
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if is_storage_error(e) or isinstance(e, (FileExistsError, NotADirectoryError)):
+            raise storage_error(e, path.parent, "cannot create the folder") from e
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on a clean exit, fsync it and move it onto ``path``.
 
     If the block raises (or the process dies) the final name is untouched: it keeps its old
     content or stays absent, and the temporary file is removed (or, after a kill, left as a hidden
-    ``.NAME.*.tmp`` that never shadows a real checkpoint).
+    ``.NAME.PID.RANDOM.tmp`` that never shadows a real checkpoint and that
+    :func:`remove_stale_temporaries` clears). A full disk, a read-only file system and the like
+    raise :class:`~videollm.errors.StorageError` naming ``path`` and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    _make_parent(path)
+    tmp = _temp_sibling(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # a full disk may only show here (delayed allocation, NFS)
         os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        if is_storage_error(exc):
+            raise storage_error(exc, path) from exc
+        raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on a clean exit, move it onto ``path``.
+
+    What the block writes becomes visible under ``path`` only when it is complete. If the block
+    raises, the temporary folder is deleted and ``path`` is untouched: a retry starts clean. An
+    existing ``path`` must be empty, unless ``replace``: then it is moved aside, the new folder
+    moved in, and only then is the old one deleted (a kill between the two renames leaves both as
+    hidden ``.NAME.*.tmp`` siblings, the old one intact). Temporary folders of killed earlier
+    attempts are removed first. Storage failures raise :class:`~videollm.errors.StorageError`.
+    """
+    path = Path(os.path.abspath(path))
+    _make_parent(path)
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = _temp_sibling(path)
+    try:
+        tmp.mkdir()
+        yield tmp
+        old = None
+        if path.exists() and not path.is_dir():
+            raise StorageError(f"{path}: exists and is not a folder; nothing there was replaced")
+        if path.exists() and any(path.iterdir()):
+            if not replace:
+                raise StorageError(f"{path}: appeared (not empty) while it was being written; the new "
+                                   f"one was discarded")
+            old = _temp_sibling(path)
+            os.rename(path, old)
+        elif path.exists():
+            path.rmdir()
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)  # put the old one back
+            raise
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        if isinstance(exc, StorageError) and exc.cause is not None:  # from a file inside: name the folder
+            raise StorageError(f"{path}: cannot write: {exc.cause} (at {exc.path}); nothing there was "
+                               "replaced and the partial output was removed", path, exc.cause) from exc
+        if is_storage_error(exc):
+            raise storage_error(exc, path) from exc
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -241,10 +427,31 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+class _WriteAll:
+    """A file object for ``torch.save`` that writes every byte or raises the ``OSError`` (with its
+    errno): torch's zip writer, given a path, reports a full disk only as ``unexpected pos``."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = self.f.write(view[done:])
+            if not n:
+                raise OSError(errno.EIO, "write made no progress", self.f.name)
+            done += n
+        return done
+
+    def flush(self) -> None:
+        pass
+
+
 def save_atomic(obj: object, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, all or nothing (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as f:
+        torch.save(obj, _WriteAll(f))
 
 
 def save_safetensors_atomic(

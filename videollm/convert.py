@@ -50,9 +50,12 @@ import torch
 from videollm.checkpoint import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIX,
+    atomic_folder,
+    is_storage_error,
     load_file,
     save_atomic,
     save_safetensors_atomic,
+    storage_error,
 )
 from videollm.errors import CheckpointError, ConfigError, VideoLLMError
 
@@ -378,6 +381,11 @@ def export_folder(
     the folder then reproduces exactly that model. A glob in ``ckpt``/``ckpt_2`` is resolved to
     its latest match, as the demo does. ``link``: ``hardlink`` (default; copies where links are
     impossible), ``symlink`` (small, but not self-contained) or ``copy``.
+
+    Everything is written into a hidden sibling folder that is renamed to ``out_dir`` only when
+    complete; with ``overwrite`` the earlier export is moved aside and deleted only after that. A
+    failure (a bad path in the config, a full disk: :class:`~videollm.errors.StorageError`) leaves
+    the earlier export as it was and no partial folder.
     """
     from omegaconf import OmegaConf
 
@@ -390,97 +398,109 @@ def export_folder(
     if link not in LINK_MODES:
         raise ConfigError(f"--link: '{link}' unknown; choose one of {', '.join(LINK_MODES)}")
     out = Path(out_dir).resolve()
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    replace = out.exists() and any(out.iterdir())
+    if replace:
         if not overwrite:
             raise ConfigError(f"{out}: export folder exists and is not empty (pass --overwrite to replace it)")
         if not ((out / "config.yaml").is_file() and (out / "adapter.safetensors").is_file()):
             raise ConfigError(f"{out}: not an earlier export (no config.yaml + adapter.safetensors); refusing to delete it")
-        shutil.rmtree(out)
     cfg = load_config(cfg_path, options)
     m: Dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)
     for key in ("ckpt", "ckpt_2"):
         m[key], notice = resolve_checkpoint_pattern(str(m.get(key) or ""))
         if notice:
             logger.warning("%s", notice)
-    out.mkdir(parents=True, exist_ok=True)
+    if link == "symlink":
+        for key in ("llama_model", "vit_ckpt", "q_former_model", "imagebind_ckpt_path", "llama_proj_model"):
+            if m.get(key) and Path(m[key]).resolve().is_relative_to(out):
+                raise ConfigError(f"model.{key}: {m[key]} is inside the export folder {out}; symlinks to it "
+                                  "would break when it is replaced (use --link hardlink or copy)")
+    # Written into a hidden sibling folder, moved to out_dir when complete (replacing an earlier
+    # export only then): a failure or a full disk leaves the earlier export as it was.
+    with atomic_folder(out, replace=replace) as work:
+        def final(path: Path) -> str:
+            """Where ``path`` (inside the temporary folder) will be once the export is complete."""
+            return str(out / Path(path).relative_to(work))
 
-    random_parts = _random_parts(m)
-    model = None
-    if random_parts:
-        logger.info("building the model to export its weights (no file for: %s)", ", ".join(random_parts))
-        build = dict(m, low_resource=False, load_in_4bit=False, device_map=None)
-        model = VideoLLAMA.from_config(OmegaConf.create(build)).eval()
-        state = model.state_dict()
+        random_parts = _random_parts(m)
+        model = None
+        if random_parts:
+            logger.info("building the model to export its weights (no file for: %s)", ", ".join(random_parts))
+            build = dict(m, low_resource=False, load_in_4bit=False, device_map=None)
+            model = VideoLLAMA.from_config(OmegaConf.create(build)).eval()
+            state = model.state_dict()
 
-    # LLM and tokenizer.
-    if m.get("llama_model"):
-        _place(Path(m["llama_model"]), out / "llm", link, "llama_model")
-    else:
-        model.llama_model.save_pretrained(str(out / "llm"))
-    tok_source = m.get("tokenizer") if m.get("tokenizer") is not None else m.get("llama_model")
-    load_tokenizer(tok_source).save_pretrained(out / "tokenizer")
-    m["llama_model"], m["tokenizer"] = str(out / "llm"), str(out / "tokenizer")
+        # LLM and tokenizer.
+        if m.get("llama_model"):
+            _place(Path(m["llama_model"]), work / "llm", link, "llama_model")
+        else:
+            model.llama_model.save_pretrained(str(work / "llm"))
+        tok_source = m.get("tokenizer") if m.get("tokenizer") is not None else m.get("llama_model")
+        load_tokenizer(tok_source).save_pretrained(work / "tokenizer")
+        m["llama_model"], m["tokenizer"] = str(out / "llm"), str(out / "tokenizer")
 
-    # Frozen encoders: the configured files, or the built (random) weights in the same layouts.
-    enc = out / "encoders"
-    enc.mkdir()
-    if m.get("vit_ckpt"):
-        m["vit_ckpt"] = str(_place(Path(m["vit_ckpt"]), enc / Path(m["vit_ckpt"]).name, link, "vit_ckpt"))
-    else:  # load_eva_vit_weights reads a bare ViT state dict with torch.load
-        save_atomic(model.visual_encoder.state_dict(), enc / "eva_vit_g.pth")
-        m["vit_ckpt"] = str(enc / "eva_vit_g.pth")
-    if m.get("q_former_model"):
-        m["q_former_model"] = str(_place(Path(m["q_former_model"]), enc / Path(m["q_former_model"]).name, link, "q_former_model"))
-    else:
-        qformer = {k: v for k, v in state.items() if _matches(k, ("Qformer.", "query_tokens", "ln_vision."))}
-        write_checkpoint({"model": qformer}, enc / "qformer.safetensors", layout="state_dict")
-        m["q_former_model"] = str(enc / "qformer.safetensors")
-    if m.get("equip_audio_branch"):
-        ib_dir = enc / "imagebind"
-        if m.get("imagebind_ckpt_path"):
-            src = Path(m["imagebind_ckpt_path"])
-            src = src / CHECKPOINT_FILENAME if src.is_dir() else src
-            m["imagebind_ckpt_path"] = str(_place(src, ib_dir / src.name, link, "imagebind_ckpt_path"))
-        else:  # load_imagebind_weights reads a bare state dict with torch.load
-            save_atomic(model.audio_encoder.state_dict(), ib_dir / CHECKPOINT_FILENAME)
-            m["imagebind_ckpt_path"] = str(ib_dir)
+        # Frozen encoders: the configured files, or the built (random) weights in the same layouts.
+        enc = work / "encoders"
+        enc.mkdir()
+        if m.get("vit_ckpt"):
+            m["vit_ckpt"] = final(_place(Path(m["vit_ckpt"]), enc / Path(m["vit_ckpt"]).name, link, "vit_ckpt"))
+        else:  # load_eva_vit_weights reads a bare ViT state dict with torch.load
+            save_atomic(model.visual_encoder.state_dict(), enc / "eva_vit_g.pth")
+            m["vit_ckpt"] = final(enc / "eva_vit_g.pth")
+        if m.get("q_former_model"):
+            m["q_former_model"] = final(_place(Path(m["q_former_model"]), enc / Path(m["q_former_model"]).name, link, "q_former_model"))
+        else:
+            qformer = {k: v for k, v in state.items() if _matches(k, ("Qformer.", "query_tokens", "ln_vision."))}
+            write_checkpoint({"model": qformer}, enc / "qformer.safetensors", layout="state_dict")
+            m["q_former_model"] = final(enc / "qformer.safetensors")
+        if m.get("equip_audio_branch"):
+            ib_dir = enc / "imagebind"
+            if m.get("imagebind_ckpt_path"):
+                src = Path(m["imagebind_ckpt_path"])
+                src = src / CHECKPOINT_FILENAME if src.is_dir() else src
+                m["imagebind_ckpt_path"] = final(_place(src, ib_dir / src.name, link, "imagebind_ckpt_path"))
+            else:  # load_imagebind_weights reads a bare state dict with torch.load
+                save_atomic(model.audio_encoder.state_dict(), ib_dir / CHECKPOINT_FILENAME)
+                m["imagebind_ckpt_path"] = final(ib_dir)
 
-    # Branch weights, loaded as model.ckpt. Every key the configured ckpt/ckpt_2 carried is kept
-    # (a file may also set weights outside the branches), with the values the model ended up with.
-    sources: Dict[str, torch.Tensor] = {}
-    for key in ("ckpt", "ckpt_2"):
-        if m.get(key):
-            sources.update(read_checkpoint(m[key])[0]["model"])
-    if model is not None:
-        adapter = {k: v for k, v in state.items() if _matches(k, VIDEO_BRANCH + AUDIO_BRANCH) or k in sources}
-    else:
-        adapter = sources
-    write_checkpoint(
-        {"model": adapter, "config": {"exported_from": str(cfg_path), "ckpt": m.get("ckpt"), "ckpt_2": m.get("ckpt_2")}},
-        out / "adapter.safetensors",
-    )
-    m["ckpt"], m["ckpt_2"] = str(out / "adapter.safetensors"), ""
-    if "llama_proj.weight" in adapter:
-        m["llama_proj_model"] = ""
-    elif m.get("llama_proj_model"):
-        m["llama_proj_model"] = str(_place(Path(m["llama_proj_model"]), enc / Path(m["llama_proj_model"]).name, link, "llama_proj_model"))
+        # Branch weights, loaded as model.ckpt. Every key the configured ckpt/ckpt_2 carried is kept
+        # (a file may also set weights outside the branches), with the values the model ended up with.
+        sources: Dict[str, torch.Tensor] = {}
+        for key in ("ckpt", "ckpt_2"):
+            if m.get(key):
+                sources.update(read_checkpoint(m[key])[0]["model"])
+        if model is not None:
+            adapter = {k: v for k, v in state.items() if _matches(k, VIDEO_BRANCH + AUDIO_BRANCH) or k in sources}
+        else:
+            adapter = sources
+        write_checkpoint(
+            {"model": adapter, "config": {"exported_from": str(cfg_path), "ckpt": m.get("ckpt"), "ckpt_2": m.get("ckpt_2")}},
+            work / "adapter.safetensors",
+        )
+        m["ckpt"], m["ckpt_2"] = str(out / "adapter.safetensors"), ""
+        if "llama_proj.weight" in adapter:
+            m["llama_proj_model"] = ""
+        elif m.get("llama_proj_model"):
+            m["llama_proj_model"] = final(_place(Path(m["llama_proj_model"]), enc / Path(m["llama_proj_model"]).name, link, "llama_proj_model"))
 
-    if m.get("prompt_path"):
-        prompt = Path(m["prompt_path"])
-        if not prompt.is_absolute() and not prompt.is_file():
-            prompt = PACKAGE_DIR / prompt  # the model's own rule for relative prompt paths
-        m["prompt_path"] = str(_place(prompt, out / "prompts" / prompt.name, "copy", "prompt_path"))
+        if m.get("prompt_path"):
+            prompt = Path(m["prompt_path"])
+            if not prompt.is_absolute() and not prompt.is_file():
+                prompt = PACKAGE_DIR / prompt  # the model's own rule for relative prompt paths
+            m["prompt_path"] = final(_place(prompt, work / "prompts" / prompt.name, "copy", "prompt_path"))
 
-    full = {"model": m}
-    for root in ("datasets", "run"):
-        if root in cfg:
-            full[root] = OmegaConf.to_container(cfg[root], resolve=True)
-    header = (
-        f"# Exported by `python -m videollm.convert export --cfg-path {cfg_path}`.\n"
-        "# Every path below is absolute and inside this folder; re-export after moving it.\n"
-        f"#   python demo.py --cfg-path {out / 'config.yaml'}\n"
-    )
-    (out / "config.yaml").write_text(header + OmegaConf.to_yaml(OmegaConf.create(full)))
+        full = {"model": m}
+        for root in ("datasets", "run"):
+            if root in cfg:
+                full[root] = OmegaConf.to_container(cfg[root], resolve=True)
+        header = (
+            f"# Exported by `python -m videollm.convert export --cfg-path {cfg_path}`.\n"
+            "# Every path below is absolute and inside this folder; re-export after moving it.\n"
+            f"#   python demo.py --cfg-path {out / 'config.yaml'}\n"
+        )
+        (work / "config.yaml").write_text(header + OmegaConf.to_yaml(OmegaConf.create(full)))
     logger.info("exported %s (%d adapter tensors)", out, len(adapter))
     return out / "config.yaml"
 
@@ -721,6 +741,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except VideoLLMError as e:
         message = " ".join(str(e).split())
         print(f"error: {type(e).__name__}: {message}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as e:
+        if not is_storage_error(e):
+            raise
+        error = storage_error(e, getattr(e, "filename", None) or "output", "cannot read or write")
+        print(f"error: StorageError: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,6 +20,12 @@ safetensors shards are written chunk by chunk, since every shape is known before
 written. Peak memory stays at tens of MB above the interpreter's, whatever the model size (see
 ``bench/apply_delta_memory.py``). Everything is checked before the output folder is created.
 
+The output is written into a hidden sibling folder (``.NAME.PID.RANDOM.tmp``) that is renamed to
+the output folder only when every file is complete: a full or read-only disk raises
+:class:`~videollm.errors.StorageError` naming the folder and the cause and leaves no partial
+output (so a retry is not refused as "not empty"); temporary folders of killed runs are removed
+by the next one.
+
 Rotary ``inv_freq`` buffers, which old LLaMA conversions stored, are skipped: current transformers
 computes them and does not expect them in a checkpoint.
 """
@@ -41,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from videollm.checkpoint import _load_pickle, atomic_path, iter_checkpoint_shards
+from videollm.checkpoint import _load_pickle, atomic_folder, iter_checkpoint_shards
 from videollm.errors import CheckpointError, closest
 
 logger = logging.getLogger(__name__)
@@ -337,40 +343,41 @@ def _stream(
     config = _output_config(base, other, other_role, vocab)
     plan = _plan_shards(entries, max_shard_size)
 
-    # Everything is checked: from here on, write.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _copy_side_files(other_dir, out_dir)
-    if not (out_dir / "config.json").exists() and config is not None:
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
+    # Everything is checked: from here on, write, into a hidden sibling folder that becomes
+    # out_dir only when complete (a full disk or a kill leaves no partial out_dir behind).
     inexact = 0
     total = sum(math.prod(s) * d.itemsize for _, s, d in entries)
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"Writing {out_role}", disable=None) as bar:
-        for file_name, shard_entries in plan:
-            header = _safetensors_header(shard_entries)
-            with atomic_path(out_dir / file_name) as tmp, open(tmp, "wb") as f:
-                f.write(header)
-                for name, shape, out_dtype in shard_entries:
-                    b_rows = base.info[name].shape[0] if shape else 1
-                    for b_chunk, o_chunk in _chunks(base.get(name), b_rows, other.get(name), shape):
-                        if subtract:
-                            chunk, n_bad = _subtract(o_chunk, b_chunk, out_dtype)
-                            inexact += n_bad
-                        else:
-                            chunk = _add(b_chunk, o_chunk, out_dtype)
-                        f.write(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
-                    bar.update(math.prod(shape) * out_dtype.itemsize)
-                if f.tell() != len(header) + sum(math.prod(s) * d.itemsize for _, s, d in shard_entries):
-                    raise CheckpointError(f"{out_dir / file_name}: internal error: wrote {f.tell()} bytes, header says otherwise")
-    if len(plan) > 1:
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {name: file_name for file_name, es in plan for name, _, _ in es},
-        }
-        with atomic_path(out_dir / "model.safetensors.index.json") as tmp:
-            tmp.write_text(json.dumps(index, indent=2) + "\n")
+    with atomic_folder(out_dir) as work:
+        _copy_side_files(other_dir, work)
+        if not (work / "config.json").exists() and config is not None:
+            (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Writing {out_role}", disable=None) as bar:
+            for file_name, shard_entries in plan:
+                header = _safetensors_header(shard_entries)
+                with _open_output(work / file_name) as f:
+                    f.write(header)
+                    for name, shape, out_dtype in shard_entries:
+                        b_rows = base.info[name].shape[0] if shape else 1
+                        for b_chunk, o_chunk in _chunks(base.get(name), b_rows, other.get(name), shape):
+                            if subtract:
+                                chunk, n_bad = _subtract(o_chunk, b_chunk, out_dtype)
+                                inexact += n_bad
+                            else:
+                                chunk = _add(b_chunk, o_chunk, out_dtype)
+                            f.write(chunk.contiguous().reshape(-1).view(torch.uint8).numpy())
+                        bar.update(math.prod(shape) * out_dtype.itemsize)
+                    if f.tell() != len(header) + sum(math.prod(s) * d.itemsize for _, s, d in shard_entries):
+                        raise CheckpointError(f"{out_dir / file_name}: internal error: wrote {f.tell()} bytes, header says otherwise")
+                    f.flush()
+                    os.fsync(f.fileno())  # a full disk may only show here
+        if len(plan) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {name: file_name for file_name, es in plan for name, _, _ in es},
+            }
+            (work / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if inexact:
         logger.warning(
             "%s: %d of %d elements will not give back the target exactly when applied (off by about "
@@ -437,6 +444,11 @@ def _output_config(base: ShardedReader, other: ShardedReader, other_role: str, v
     if vocab is not None:
         config["vocab_size"] = vocab
     return config
+
+
+def _open_output(path: Path):
+    """The file an output shard is streamed into (one place, so tests can make it fail)."""
+    return open(path, "wb")
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:

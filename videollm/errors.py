@@ -36,6 +36,16 @@ class CheckpointError(VideoLLMError):
     """A checkpoint cannot be loaded: missing file, unsafe pickle, mismatched keys or shapes."""
 
 
+class StorageError(VideoLLMError):
+    """A file or folder cannot be written: no space left on device, read-only file system,
+    permission denied, I/O error. The message names the path and the cause; whatever was there
+    before is left as it was. ``path`` and ``cause`` hold the two parts (None if unknown)."""
+
+    def __init__(self, message: str, path: object = None, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.path, self.cause = path, cause
+
+
 class DataError(VideoLLMError):
     """A dataset or annotation file is malformed, or too many samples were bad."""
 

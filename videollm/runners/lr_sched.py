@@ -22,16 +22,35 @@ decayed (9.8e-5 instead of 1e-4 in the VL stage-1 recipe).
 ``warmup_lr < 0`` means "start the warm-up at init_lr" (i.e. no warm-up), as in the original.
 ``decay_rate`` of None (``run.lr_decay_rate`` unset) is treated as 1 (constant lr after epoch 0);
 the original crashed on it.
+
+Resuming with a changed schedule: the schedule of the resumed run's config applies. A scheduler's
+state holds its hyper-parameters and its position; :meth:`load_state_dict` restores only the
+position and keeps the hyper-parameters it was built with (from the new config), and logs a
+warning that lists every setting that differs from the checkpoint's (``run.init_lr: 0.001 ->
+0.0001``). The step counter is kept: the runner continues at the saved global iteration, so a
+resume with a lower ``run.init_lr`` continues on the new curve at the same step. (The original,
+LAVIS, rebuilds the scheduler from the config on resume too, but saves no position.)
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from videollm.registry import registry
+
+logger = logging.getLogger(__name__)
+
+# The run settings behind each scheduler attribute, for the notice of a changed schedule.
+RUN_KEYS = {
+    "init_lr": "run.init_lr", "min_lr": "run.min_lr", "max_epoch": "run.max_epoch",
+    "iters_per_epoch": "run.iters_per_epoch", "warmup_steps": "run.warmup_steps",
+    "warmup_start_lr": "run.warmup_lr (warm-up start)", "decay_rate": "run.lr_decay_rate",
+}
+_POSITION_KEYS = ("last_lr", "last_position", "schedule")
 
 
 def warmup_lr(step: int, max_step: int, start_lr: float, max_lr: float) -> float:
@@ -70,16 +89,41 @@ class _Scheduler:
         self.last_position = (cur_epoch, cur_step)
         return self._set(self.lr_at(cur_epoch, cur_step))
 
+    def hyper_parameters(self) -> Dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k not in ("optimizer",) + _POSITION_KEYS}
+
     def state_dict(self) -> Dict[str, Any]:
         # The schedule is a pure function of its hyper-parameters and the position; the state
-        # records both so that a resume with changed hyper-parameters can be detected.
-        return {k: v for k, v in vars(self).items() if k != "optimizer"}
+        # records both so that a resume with changed hyper-parameters is detected and reported.
+        return {"schedule": type(self).__name__, **self.hyper_parameters(),
+                "last_lr": self.last_lr, "last_position": self.last_position}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, tuple(value) if key == "last_position" else value)
-        if self.last_lr is not None:
-            self._set(self.last_lr)
+    def load_state_dict(self, state: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+        """Restore the position of ``state``; keep this scheduler's own hyper-parameters (those of
+        the current config) and report the ones that differ from the saved ones.
+
+        Returns:
+            ``{run setting: (saved value, value now in force)}`` for every difference (also logged
+            as a warning); empty when the schedule is unchanged.
+        """
+        self.last_position = tuple(state.get("last_position", self.last_position))
+        mine = self.hyper_parameters()
+        saved = {k: v for k, v in state.items() if k not in _POSITION_KEYS}
+        changes: Dict[str, Tuple[Any, Any]] = {}
+        kind = state.get("schedule")
+        if (kind is not None and kind != type(self).__name__) or (kind is None and set(saved) != set(mine)):
+            changes["run.lr_sched"] = (kind or "another schedule", type(self).__name__)
+        for key in sorted(set(saved) & set(mine)):
+            if saved[key] != mine[key]:
+                changes[RUN_KEYS.get(key, key)] = (saved[key], mine[key])
+        if changes:
+            logger.warning(
+                "resume: the learning-rate schedule differs from the checkpoint's; the new one applies "
+                "from the saved position on (%s)", "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items()))
+        epoch, step = self.last_position
+        if step >= 0:
+            self._set(self.lr_at(epoch, step))
+        return changes
 
 
 @registry.register_lr_scheduler("linear_warmup_cosine_lr")

@@ -37,6 +37,21 @@ Checkpoints (rank 0, written atomically): ``checkpoint_{epoch}.pth`` (and
 optimizer, scheduler, scaler, every rank's RNG states, the data position, counters). Resuming
 from it (``run.resume_ckpt_path`` or ``run.auto_resume``) reproduces the losses and weights of an
 uninterrupted run exactly on CPU.
+
+What a kill, a full disk or a changed config cannot break:
+
+- Every file is written to a hidden temporary sibling and renamed into place when complete, so a
+  kill or a full disk leaves the previous files intact; temporaries of killed runs are removed when
+  the next run starts (logged). A storage failure stops the run with
+  :class:`~videollm.errors.StorageError` naming the file and the cause.
+- ``run.auto_resume`` takes ``resume_latest.pth``; if it is missing (a kill during its first write)
+  or unreadable, the newest ``checkpoint_*.pth`` that loads (weights, optimizer, the position; not
+  the data order or RNG streams, with a warning).
+- Nothing is saved, and no old checkpoint pruned, while a streak of non-finite losses is in
+  progress or a trained weight is inf/NaN (a warning; ``train_summary["skipped_saves"]``).
+- A resume applies the CURRENT config's learning-rate schedule and optimizer settings (weight
+  decay, betas) from the saved position on, and logs what changed (``run.init_lr: 0.001 ->
+  0.0001``); with a changed ``run.iters_per_epoch`` it continues at the same global iteration.
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ import contextlib
 import logging
 import math
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -55,7 +71,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from videollm import dist
-from videollm.checkpoint import load_file, save_atomic
+from videollm.checkpoint import load_file, remove_stale_temporaries, save_atomic
 from videollm.errors import CheckpointError, ConfigError, TrainingError
 from videollm.registry import registry
 from videollm.runners.lr_sched import build_lr_scheduler
@@ -117,6 +133,13 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _saved_run(state: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``run`` section of the config stored in a checkpoint ({} if none)."""
+    config = state.get("config")
+    run = config.get("run") if isinstance(config, dict) else None
+    return run if isinstance(run, dict) else {}
 
 
 def _plain_config(cfg: Any) -> Dict[str, Any]:
@@ -191,6 +214,7 @@ class RunnerIter:
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
         self.optimizer_steps = 0
+        self.skipped_saves = 0
         self.losses: List[Optional[float]] = []  # this process's per-iteration (global) losses
 
     # ------------------------------------------------------------------ set-up
@@ -203,7 +227,7 @@ class RunnerIter:
         self.scaler = None
         if amp and self.device.type == "cuda":
             self.amp_dtype = AMP_DTYPES[name]
-            self.model.autocast_dtype = self.amp_dtype  # the model's own autocast follows the run
+            self.model.set_autocast_dtype(self.amp_dtype)  # the model's own autocast follows the run
             if self.amp_dtype == torch.float16:
                 self.scaler = torch.amp.GradScaler("cuda")
         elif amp and name == "bf16":
@@ -221,8 +245,7 @@ class RunnerIter:
 
         # Parameters that take no part in a step (e.g. both branches trainable but only one
         # used per batch) need find_unused_parameters; it costs a graph walk per step.
-        find_unused = bool(getattr(self.model, "ddp_find_unused_parameters", False)) or getattr(
-            self.model, "train_flag", 0) == 2
+        find_unused = bool(self.model.ddp_find_unused_parameters)
         self.wrapped = DDP(
             self.model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -279,9 +302,14 @@ class RunnerIter:
             if ratio is None and "datasets" in self.cfg and name in self.cfg.datasets:
                 ratio = self.cfg.datasets[name].get("sample_ratio", 1)
             ratios[name] = float(ratio if ratio is not None else 1)
+        for name, ds in train.items():  # model facts the original's dataset YAML repeats
+            facts = getattr(ds, "model_facts", None)
+            if facts:
+                self.model.check_dataset(name.split("/")[0], facts)
         return build_train_loader(
             train, ratios, batch_size=int(self.run.batch_size_train), num_workers=int(self.run.num_workers),
             seed=int(self.run.seed),  # the same on every rank: all ranks draw the same dataset per step
+            batch_processor=self.model.batch_processor(),
         )
 
     @property
@@ -346,11 +374,22 @@ class RunnerIter:
             "config": _plain_config(self.cfg),
         }
 
-    def save(self, epoch: int, next_iter: int, name: Optional[str]) -> None:
-        """Write the resume state and, if ``name``, a checkpoint in the original's format."""
+    def save(self, epoch: int, next_iter: int, name: Optional[str]) -> bool:
+        """Write the resume state and, if ``name``, a checkpoint in the original's format.
+
+        Nothing is written (and no old checkpoint pruned) in a non-finite state: during a streak
+        of non-finite losses, or when a trained weight is inf/NaN. Every rank takes the same
+        decision (the streak is counted from all-reduced losses, the weights are replicated or
+        gathered). Returns whether the files were written."""
+        model_state = self._cpu_model_state()  # collective under ZeRO-3
+        problem = self._nonfinite_state(model_state)
+        if problem:
+            logger.warning("epoch %d iteration %d: %s; %s NOT saved, the previous checkpoints in %s are kept",
+                           epoch, next_iter, problem, name or RESUME_NAME, self.output_dir)
+            self.skipped_saves += 1
+            return False
         if self.engine is not None:
             self.engine.save_checkpoint(str(self.output_dir / "deepspeed"), tag="resume")
-        model_state = self._cpu_model_state()  # collective under ZeRO-3
         resume = self.resume_state(epoch, next_iter, model_state)  # collective (RNG gather)
         if self.dist.is_main:
             if name is not None:
@@ -359,6 +398,18 @@ class RunnerIter:
                 self._prune_checkpoints()
             save_atomic(resume, self.output_dir / RESUME_NAME)
         dist.barrier()
+        return True
+
+    def _nonfinite_state(self, model_state: Dict[str, torch.Tensor]) -> Optional[str]:
+        """Why the current state must not be saved, or None when it is sound."""
+        if self.nonfinite_in_row > 0:
+            return f"{self.nonfinite_in_row} non-finite loss(es) in a row so far"
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        bad = [k for k, v in model_state.items()
+               if k in trainable and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            return f"non-finite values in {len(bad)} trained weight(s) (first: {bad[0]})"
+        return None
 
     def _prune_checkpoints(self) -> None:
         keep = int(self.run.get("keep_last_checkpoints", 2))
@@ -371,27 +422,61 @@ class RunnerIter:
             logger.info("removed old checkpoint %s (run.keep_last_checkpoints=%d)", old, keep)
 
     def find_resume_path(self) -> Optional[Path]:
+        """``run.resume_ckpt_path``; or with ``run.auto_resume`` the newest complete state in
+        ``output_dir``: ``resume_latest.pth``, else (absent, e.g. killed during its first write, or
+        unreadable) the newest ``checkpoint_*.pth`` that loads; None to start fresh.
+
+        The files are read here to verify them; :meth:`load_resume` reuses what was read."""
+        self._verified = None
         explicit = self.run.get("resume_ckpt_path", None)
         if explicit:
             return Path(str(explicit))
-        if self.run.get("auto_resume", False):
-            path = self.output_dir / RESUME_NAME
-            if path.is_file():
-                return path
-            logger.info("run.auto_resume: no %s in %s; starting fresh", RESUME_NAME, self.output_dir)
+        if not self.run.get("auto_resume", False):
+            return None
+        latest = self.output_dir / RESUME_NAME
+        candidates = ([latest] if latest.is_file() else []) + self._checkpoint_files()
+        for path in candidates:
+            try:
+                state = load_file(path)
+                if "model" not in state:
+                    raise CheckpointError(f"{path}: no 'model' entry")
+            except CheckpointError as exc:
+                logger.warning("run.auto_resume: skipping %s: %s", path, exc)
+                continue
+            if path != latest:
+                logger.warning("run.auto_resume: %s %s; resuming from %s instead (weights, optimizer and the "
+                               "epoch; the data order and RNG streams start afresh, so the run is not "
+                               "bit-identical to an uninterrupted one)", latest,
+                               "is unreadable" if latest.is_file() else "is missing", path)
+            self._verified = (path, state)
+            return path
+        logger.info("run.auto_resume: no complete checkpoint in %s; starting fresh", self.output_dir)
         return None
+
+    def _checkpoint_files(self) -> List[Path]:
+        """``checkpoint_{epoch}.pth`` and ``checkpoint_iter_{n}.pth`` of ``output_dir``, newest
+        training position first (end of epoch e = global iteration (e + 1) * iters_per_epoch)."""
+        found = []
+        for path in self.output_dir.glob("checkpoint_*.pth"):
+            m = re.fullmatch(r"checkpoint_(iter_)?(\d+)\.pth", path.name)
+            if m:
+                n = int(m.group(2))
+                found.append((n if m.group(1) else (n + 1) * self.iters_per_epoch, path.stat().st_mtime_ns, path))
+        return [p for *_, p in sorted(found, key=lambda t: t[:2], reverse=True)]
 
     def load_resume(self, path: Path) -> None:
         """Restore a ``resume_latest.pth`` (full) or an original-format checkpoint (weights,
         optimizer, scaler; training restarts at the next epoch, as the original's resume)."""
-        state = load_file(path)
+        verified = getattr(self, "_verified", None)
+        state = verified[1] if verified is not None and verified[0] == path else load_file(path)
+        self._verified = None
         if "model" not in state:
             raise CheckpointError(f"{path}: no 'model' entry; not a training checkpoint")
         missing = self._load_model(state["model"], path)
         if missing:
             raise CheckpointError(f"{path}: lacks trainable parameter(s) {missing[:5]}; is it from this model/stage?")
         if state.get("optimizer") is not None and self.engine is None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_optimizer(state["optimizer"], path)
         if self.engine is not None:
             ds_dir = path.parent / "deepspeed"
             if ds_dir.is_dir():
@@ -399,7 +484,7 @@ class RunnerIter:
         if state.get("scaler") is not None and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         if state.get("format") == RESUME_FORMAT:
-            self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.load_state_dict(state["scheduler"])  # keeps the new config's schedule, logs changes
             rngs = state["rng"]
             if len(rngs) != self.dist.world_size:
                 logger.warning("%s was saved by %d process(es), this run has %d: RNG streams differ, "
@@ -409,14 +494,40 @@ class RunnerIter:
                 self.train_loader.load_state_dict(state["data"])
             self.bad_samples.load_state_dict(state["bad_samples"])
             self.start_epoch, self.start_iter = int(state["epoch"]), int(state["iteration"])
+            saved_ipe = _saved_run(state).get("iters_per_epoch")
+            if saved_ipe is not None and int(saved_ipe) != self.iters_per_epoch and "global_iteration" in state:
+                # keep the step counter: continue at the same global iteration in the new epoch size
+                self.start_epoch, self.start_iter = divmod(int(state["global_iteration"]), self.iters_per_epoch)
             self.nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
             self.skipped_steps = int(state.get("skipped_steps", 0))
             self.optimizer_steps = int(state.get("optimizer_steps", 0))
         else:
             self.start_epoch, self.start_iter = int(state.get("epoch", -1)) + 1, 0
+            m = re.fullmatch(r"checkpoint_iter_(\d+)\.pth", path.name)
+            if m:  # a mid-epoch checkpoint: its name says where (its "epoch" is the epoch it is in)
+                self.start_epoch, self.start_iter = divmod(int(m.group(1)), self.iters_per_epoch)
         if self.start_iter >= self.iters_per_epoch:
             self.start_epoch, self.start_iter = self.start_epoch + 1, 0
         logger.info("resumed from %s at epoch %d, iteration %d", path, self.start_epoch, self.start_iter)
+
+    def _load_optimizer(self, saved: Dict[str, Any], path: Path) -> None:
+        """The optimizer's state (moments, step counts) from ``saved``; its settings (weight decay,
+        betas, eps, ...) from the current config. ``load_state_dict`` alone would bring back the
+        saved settings; differences are logged."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(saved)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: the optimizer state does not fit this model/stage ({exc})") from exc
+        changes = []
+        for i, (group, settings) in enumerate(zip(self.optimizer.param_groups, fresh)):
+            for key, value in settings.items():
+                if key != "lr" and key in group and group[key] != value:
+                    changes.append(f"param group {i} {key}: {group[key]} -> {value}")
+                group[key] = value
+        if changes:
+            logger.warning("resume: optimizer settings differ from %s's; the new ones apply (%s)", path.name,
+                           "; ".join(changes))
 
     def _load_model(self, model_state: Dict[str, torch.Tensor], path: Path) -> List[str]:
         own = self.model.state_dict()
@@ -470,6 +581,7 @@ class RunnerIter:
         """Run (or resume) the training; returns a summary (also in ``train_summary``)."""
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.output_dir)  # half-written saves of a killed run
         dist.barrier()
         resume_path = self.find_resume_path()
         if resume_path is not None:
@@ -501,6 +613,7 @@ class RunnerIter:
             "iterations": total,
             "optimizer_steps": self.optimizer_steps,
             "skipped_steps": self.skipped_steps,
+            "skipped_saves": self.skipped_saves,
             "train_seconds": time.perf_counter() - start_time,
             "final_loss": next((l for l in reversed(self.losses) if l is not None), None),
         }
