@@ -12,13 +12,19 @@ A user YAML has three roots, as in the original Video-LLaMA: ``model:``, ``datas
 Validation rejects unknown keys and wrong types with a :class:`~videollm.errors.ConfigError`
 that names the full key and suggests the closest valid one. Schemas are dataclasses: the
 model class's ``config_schema``, the builder's ``config_schema`` (with its ``BuildInfo``), the
-processors' ``config_schema`` and :class:`RunConfig` here.
+processors' ``config_schema`` and :class:`RunConfig` here. A schema field may carry a range
+(:func:`bounded`: ``run.init_lr`` > 0, ``run.grad_clip`` > 0 or null, batch sizes >= 1, ...),
+checked with the types. The nested model dictionaries (``model.vit``, ``model.llm_config``, the
+Q-Former and ImageBind overrides) and the structural constraints between keys (hidden sizes
+divisible by heads, at least one query token, frames within the frame positions) are checked by
+:mod:`videollm.validation`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -37,36 +43,84 @@ ROOTS = ("model", "datasets", "run")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed interval of a number (None: no bound on that side); ``finite`` refuses inf and nan."""
+
+    gt: Optional[float] = None
+    ge: Optional[float] = None
+    lt: Optional[float] = None
+    le: Optional[float] = None
+    finite: bool = True
+    why: str = ""
+
+    def describe(self) -> str:
+        parts = []
+        if self.gt is not None:
+            parts.append(f"> {self.gt:g}")
+        if self.ge is not None:
+            parts.append(f">= {self.ge:g}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt:g}")
+        if self.le is not None:
+            parts.append(f"<= {self.le:g}")
+        return " and ".join(parts) or "finite"
+
+    def check(self, value: Any, key: str) -> None:
+        """Raise ConfigError naming ``key`` if the number ``value`` is outside the range (None passes)."""
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        v = float(value)
+        ok = not (self.finite and not math.isfinite(v))
+        ok = ok and (self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+        ok = ok and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le)
+        if not ok:
+            why = f" ({self.why})" if self.why else ""
+            raise ConfigError(f"{key}: {value!r} is out of range; must be {self.describe()}{why}")
+
+
+def bounded(default: Any, *, gt: Optional[float] = None, ge: Optional[float] = None, lt: Optional[float] = None,
+            le: Optional[float] = None, why: str = "") -> Any:
+    """A dataclass field with a default and an allowed range (checked by :func:`validate_mapping`)."""
+    return field(default=default, metadata={"range": Range(gt=gt, ge=ge, lt=lt, le=le, why=why)})
+
+
+def check_choice(value: Any, choices: Sequence[str], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{closest(value, choices)}")
+
+
 @dataclass
 class RunConfig:
-    """Options of the ``run:`` section (runner, task, optimisation, output)."""
+    """Options of the ``run:`` section (runner, task, optimisation, output); numbers carry their
+    allowed ranges (:func:`bounded`), checked when the config is validated."""
 
     task: str = "video_text_pretrain"
     runner: str = "runner_iter"
     # optimisation (the original's names)
     lr_sched: str = "linear_warmup_cosine_lr"
-    init_lr: float = 1e-4
-    min_lr: float = 8e-5
-    warmup_lr: float = 1e-6
-    warmup_steps: int = 0
-    lr_decay_rate: Optional[float] = None
-    weight_decay: float = 0.05
-    beta2: float = 0.999
-    max_epoch: int = 1
-    iters_per_epoch: int = 100
-    batch_size_train: int = 1
-    batch_size_eval: int = 1
-    num_workers: int = 0
-    accum_grad_iters: int = 1
-    grad_clip: Optional[float] = None
-    seed: int = 42
+    init_lr: float = bounded(1e-4, gt=0)
+    min_lr: float = bounded(8e-5, ge=0)
+    warmup_lr: float = bounded(1e-6, ge=0)
+    warmup_steps: int = bounded(0, ge=0)
+    lr_decay_rate: Optional[float] = bounded(None, gt=0)
+    weight_decay: float = bounded(0.05, ge=0)
+    beta2: float = bounded(0.999, gt=0, lt=1)
+    max_epoch: int = bounded(1, ge=1)
+    iters_per_epoch: int = bounded(100, ge=1)
+    batch_size_train: int = bounded(1, ge=1)
+    batch_size_eval: int = bounded(1, ge=1)
+    num_workers: int = bounded(0, ge=0)
+    accum_grad_iters: int = bounded(1, ge=1)
+    grad_clip: Optional[float] = bounded(None, gt=0, why="the maximum gradient norm; null disables clipping")
+    seed: int = bounded(42, ge=0, lt=2**32, why="NumPy seeds are 32-bit")
     amp: bool = False
     amp_dtype: str = "bf16"
     vit_grad_checkpointing: bool = False
     llm_grad_checkpointing: bool = False
     # distribution
     device: str = "cpu"
-    world_size: int = 1
+    world_size: int = bounded(1, ge=1)
     dist_url: str = "env://"
     distributed: bool = False
     deepspeed_config: Optional[str] = None
@@ -74,19 +128,19 @@ class RunConfig:
     output_dir: str = "output/run"
     resume_ckpt_path: Optional[str] = None
     auto_resume: bool = False
-    save_freq_iters: int = 0
-    keep_last_checkpoints: int = 2
+    save_freq_iters: int = bounded(0, ge=0, why="0: only at epoch ends")
+    keep_last_checkpoints: int = bounded(2, ge=0, why="0 keeps every checkpoint")
     # also write the frozen weights into checkpoint_N.pth (for models whose frozen parts are random,
     # e.g. the tiny recipes; released encoders are loaded from their own files instead)
     save_frozen_weights: bool = False
     # logging
-    log_freq: int = 10
+    log_freq: int = bounded(10, ge=1)
     tensorboard: bool = False
-    max_nonfinite_in_row: int = 5
-    max_bad_sample_fraction: float = 0.1
+    max_nonfinite_in_row: int = bounded(5, ge=1)
+    max_bad_sample_fraction: float = bounded(0.1, ge=0, le=1)
     # evaluation after training
     evaluate: bool = False
-    eval_max_new_tokens: int = 16
+    eval_max_new_tokens: int = bounded(16, ge=1)
     train_splits: List[str] = field(default_factory=lambda: ["train"])
     valid_splits: List[str] = field(default_factory=list)
     test_splits: List[str] = field(default_factory=list)
@@ -163,12 +217,15 @@ def validate_mapping(values: Dict[str, Any], schema: type, prefix: str) -> None:
     Unknown keys and type mismatches raise ConfigError naming ``prefix.key``.
     """
     hints = typing.get_type_hints(schema)
-    names = [f.name for f in dataclasses.fields(schema)]
+    fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise ConfigError(f"{full}: unknown key{closest(key, names)}")
+            raise ConfigError(f"{full}: unknown key{closest(key, list(fields))}")
         _check_value(value, hints[key], full)
+        rng = fields[key].metadata.get("range") if key in fields else None
+        if rng is not None:
+            rng.check(value, full)
 
 
 def _to_plain(node: Any) -> Any:
@@ -308,8 +365,18 @@ def validate_config(cfg: DictConfig) -> None:
     run = _to_plain(cfg.get("run"))
     if run is not None:
         validate_mapping(run, RunConfig, "run")
+        check_choice(run.get("amp_dtype", RunConfig.amp_dtype), ("bf16", "fp16"), "run.amp_dtype")
+        full = with_defaults(run, RunConfig)
+        if full["lr_sched"] == "linear_warmup_cosine_lr" and full["min_lr"] > full["init_lr"]:
+            logger.warning("run.min_lr %g is above run.init_lr %g: the schedule will raise the learning rate",
+                           full["min_lr"], full["init_lr"])
         registry.get_task_class(str(run.get("task", RunConfig.task)))
         registry.get_lr_scheduler_class(str(run.get("lr_sched", RunConfig.lr_sched)))
+    from videollm.validation import validate_cross_sections, validate_model_values
+
+    if model is not None:
+        validate_model_values(model, "model")
+    validate_cross_sections(model, _to_plain(cfg.get("datasets")) or {})
 
 
 def load_config(cfg_path: os.PathLike | str, options: Optional[Sequence[str]] = None) -> DictConfig:
