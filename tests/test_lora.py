@@ -256,3 +256,47 @@ def test_merge_lora_state_dict_folds_a_training_checkpoint(llm_dir: Path) -> Non
         merge_lora_state_dict(ckpt, 2.0)
     with pytest.raises(CheckpointError, match="no LoRA tensors"):
         merge_lora_state_dict({"connector.weight": ckpt["connector.weight"]}, 2.0)
+
+
+def test_convert_merge_lora_checkpoint(llm_dir: Path, tmp_path: Path, capsys) -> None:
+    """merge-lora: a runner checkpoint with PEFT keys -> plain merged checkpoint and HF folder."""
+    import transformers
+
+    from videollm.checkpoint import load_file
+    from videollm.convert import main, merge_lora_checkpoint
+
+    model = _model(llm_dir, LoRAConfig(r=R, alpha=8, dropout=0.0))
+    _train(model, 2)
+    model.eval()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    src = tmp_path / "checkpoint_1.pth"
+    config = {"model": {"arch": "tiny_vlm", "lora": {"r": R, "alpha": 8}}}
+    torch.save({"model": {k: v for k, v in model.state_dict().items() if k in trainable},
+                "optimizer": {"state": {}}, "config": config, "epoch": 1}, src)
+    feats, ids = _batch()
+    with torch.no_grad():
+        ref = model(feats, ids)
+
+    target = _model(llm_dir, LoRAConfig(r=R, alpha=8))  # as the model of --cfg-path is built
+    merge_lora_checkpoint(src, tmp_path / "merged.pth", model=target, hf_out=tmp_path / "hf")
+    out = load_file(tmp_path / "merged.pth")
+    assert "optimizer" not in out and out["epoch"] == 1 and "lora" not in out["config"]["model"]
+    assert out["merged_lora"]["r"] == R
+    assert not any("base_model" in k or "lora_" in k for k in out["model"])
+    plain = _model(llm_dir).eval()
+    assert not plain.load_state_dict(out["model"], strict=False).unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(plain(feats, ids), ref, rtol=0, atol=1e-5)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+        torch.testing.assert_close(hf(ids).logits, plain.llama_model(ids).logits, rtol=0, atol=1e-5)
+
+    wrong_r = _model(llm_dir, LoRAConfig(r=2, alpha=8))
+    with pytest.raises(ConfigError, match=r"model\.lora\.r: 2, but the checkpoint's LoRA rank is \[4\]"):
+        merge_lora_checkpoint(src, tmp_path / "x.pth", model=wrong_r)
+    # the command line: a config without model.lora is refused with a message, no traceback
+    assert main(["merge-lora", str(src), str(tmp_path / "y.pth"), "--cfg-path", "eval_configs/tiny.yaml"]) == 1
+    assert "model.lora is not set" in capsys.readouterr().err
+    bare = tmp_path / "bare.pth"
+    torch.save({"connector.weight": torch.zeros(2, 2)}, bare)
+    assert main(["merge-lora", str(bare), str(tmp_path / "z.pth"), "--cfg-path", "eval_configs/tiny.yaml"]) == 1
+    assert "holds no LoRA tensors" in capsys.readouterr().err

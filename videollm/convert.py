@@ -13,6 +13,8 @@ Subcommands (each is also a function of this module):
 - ``export --cfg-path EVAL_CFG OUT_DIR`` (:func:`export_folder`): a self-contained folder with a
   ``config.yaml`` that ``demo.py``, ``videollm.cli`` and ``load_config`` accept.
 - ``inspect FILE`` (:func:`inspect_checkpoint`): what a checkpoint holds and which model it fits.
+- ``merge-lora IN [OUT] --cfg-path CFG [--hf-out DIR]`` (:func:`merge_lora_checkpoint`): a
+  training checkpoint's LoRA adapter folded into the LLM weights, under plain names.
 
 Checkpoint layout (the original Video-LLaMA runner's ``_save_checkpoint``): ``{"model": trainable
 parameters + ALL persistent buffers, "optimizer": AdamW state, "config": plain dict, "scaler":
@@ -312,6 +314,92 @@ def merge_checkpoints(vl: str | os.PathLike, al: str | os.PathLike, dst: str | o
 
 def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# merge-lora
+# ----------------------------------------------------------------------------------------------
+
+
+def merge_lora_checkpoint(
+    src: str | os.PathLike,
+    dst: Optional[str | os.PathLike] = None,
+    cfg_path: Optional[str | os.PathLike] = None,
+    options: Optional[Sequence[str]] = None,
+    *,
+    model: Optional[torch.nn.Module] = None,
+    hf_out: Optional[str | os.PathLike] = None,
+) -> Dict[str, Any]:
+    """Fold the LoRA adapter of a training checkpoint into the LLM's weights.
+
+    ``src`` holds the trainable tensors (connector, ..., and the LLM's PEFT-named
+    ``<llm>.base_model.model.<module>.lora_A/lora_B.default.weight``). The frozen base weights and
+    the adapter's ``r``/``alpha`` come from the model of ``cfg_path`` (built on the CPU; its
+    ``model.lora`` must be set) or from ``model`` (any module with ``.llm_attr`` and ``.lora``).
+
+    ``dst``: the same checkpoint with each LoRA pair replaced by the merged ``<llm>.<module>.weight``
+    (``W + alpha/r * B @ A``) and every other PEFT name made plain; the training state is dropped,
+    and ``model.lora`` is removed from its stored config. It loads as ``model.ckpt`` of the model
+    WITHOUT ``model.lora``. ``hf_out``: the merged LLM as a Hugging Face folder (save_pretrained),
+    plus the model's tokenizer when it has ``save_pretrained``.
+    """
+    import copy
+
+    from omegaconf import DictConfig, OmegaConf
+
+    from videollm.models.lora import LoRAConfig, adapter_scaling, is_lora, lora_llm_attrs, merge_lora_state_dict
+
+    if dst is None and hf_out is None:
+        raise ConfigError("merge-lora: give OUT and/or --hf-out")
+    ckpt, layout = read_checkpoint(src)
+    state = ckpt["model"]
+    attrs = lora_llm_attrs(state)
+    if not attrs:
+        raise CheckpointError(f"{src}: holds no LoRA tensors (<llm>.base_model.model.*.lora_A.*); nothing to merge")
+    lora: Any = None
+    if model is None:
+        if cfg_path is None:
+            raise ConfigError("merge-lora: --cfg-path (the model's config) is required")
+        from videollm.config import load_config
+        from videollm.registry import registry
+
+        cfg = load_config(cfg_path, options)
+        lora = cfg.model.get("lora")
+        if not lora:
+            raise ConfigError(f"{cfg_path}: model.lora is not set; the adapter's r and alpha are needed to merge")
+        model = registry.get_model_class(str(cfg.model.arch)).from_config(cfg.model)
+    lora = getattr(model, "lora", None) or lora
+    if lora is None:
+        raise ConfigError("model.lora: not set on the model; the adapter's r and alpha are needed to merge")
+    if not isinstance(lora, LoRAConfig):
+        lora = LoRAConfig.from_dict(OmegaConf.to_container(lora) if isinstance(lora, DictConfig) else dict(lora))
+    llm_attr = getattr(model, "llm_attr", None) or attrs[0]
+    if attrs != [llm_attr]:
+        raise CheckpointError(f"{src}: LoRA tensors under {attrs}, but the model's LLM is '{llm_attr}'")
+    llm = getattr(model, llm_attr)
+    if is_lora(llm):
+        llm = llm.unload()  # drops the adapter layers; LoRA never changes the base weights
+        setattr(model, llm_attr, llm)
+    merged = merge_lora_state_dict(state, adapter_scaling(state, lora), base=model.state_dict(), llm_attr=llm_attr)
+    out = {k: v for k, v in ckpt.items() if k not in TRAINING_ENTRIES}
+    out["model"] = merged
+    config = out.get("config")
+    if isinstance(config, Mapping) and isinstance(config.get("model"), Mapping) and "lora" in config["model"]:
+        out["config"] = copy.deepcopy(dict(config))
+        out["config"]["model"] = {k: v for k, v in config["model"].items() if k != "lora"}
+    out["merged_lora"] = {"source": str(src), "r": int(lora.r), "alpha": float(lora.alpha)}
+    if dst is not None:
+        write_checkpoint(out, dst, layout)
+    if hf_out is not None:
+        result = model.load_state_dict(merged, strict=False)
+        if result.unexpected_keys:
+            raise CheckpointError(f"{src}: keys the model does not have: {result.unexpected_keys[:5]}")
+        llm.save_pretrained(str(hf_out))
+        tokenizer = getattr(model, "tokenizer", None)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(hf_out))
+        logger.info("wrote the merged LLM to %s", hf_out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -703,6 +791,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--link", choices=LINK_MODES, default="hardlink", help="how to bring big files in (default: hardlink)")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     s.add_argument("out_dir", metavar="OUT_DIR")
+    s = sub.add_parser("merge-lora", help="fold a LoRA adapter of a training checkpoint into the LLM weights")
+    s.add_argument("src", metavar="IN")
+    s.add_argument("dst", metavar="OUT", nargs="?", default=None, help="merged checkpoint (plain LLM names)")
+    s.add_argument("--cfg-path", required=True, help="config of the model (with model.lora) that was trained")
+    s.add_argument("--options", nargs="+", default=None, help="override config keys: key=value ...")
+    s.add_argument("--hf-out", default=None, help="also write the merged LLM as a Hugging Face folder")
     s = sub.add_parser("inspect", help="keys, shapes, parameter counts; which model config it fits")
     s.add_argument("file", metavar="FILE")
     group = s.add_mutually_exclusive_group()
@@ -729,6 +823,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "export":
             path = export_folder(args.cfg_path, args.out_dir, args.options, link=args.link, overwrite=args.overwrite)
             print(path)
+        elif args.command == "merge-lora":
+            merge_lora_checkpoint(args.src, args.dst, args.cfg_path, args.options, hf_out=args.hf_out)
         elif args.command == "inspect":
             pkg_logger = logging.getLogger("videollm")
             previous = pkg_logger.level
