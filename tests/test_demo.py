@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,9 @@ def text_of(message) -> str:
     return content if isinstance(content, str) else ""
 
 
+CACHE_MB = 1.0
+
+
 @pytest.fixture(scope="module")
 def server(synthetic_root, tmp_path_factory):
     from videollm.chat import Chat
@@ -46,8 +50,17 @@ def server(synthetic_root, tmp_path_factory):
     write_clip(long_clip, ClipSpec("long", "circle", "red", "left", "slow"), duration=4.0)
     big = media / "big.mp4"
     big.write_bytes(os.urandom(300 * 1024))
+    # A browser-style WebM (no duration anywhere), longer than the limit.
+    from test_upload_safety import write_frames
+
+    live = write_frames(media / "recorded.webm", 64, 64, frames=125, codec="libvpx", fmt="webm", options={"live": "1"})
+    # gradio's cache folder of this app alone (the CLI does the same): pruning is measured on it
+    uploads = tmp_path_factory.mktemp("gradio_uploads")
+    saved_env = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)
     opts = DemoOptions(max_upload_mb=0.25, max_video_seconds=MAX_SECONDS, max_new_tokens=16,
-                       examples_dir=str(media / "examples"), startup_notices=("random weights",))
+                       examples_dir=str(media / "examples"), startup_notices=("random weights",),
+                       max_cache_mb=CACHE_MB, cache_check_s=0.5, upload_concurrency=4)
     demo = build_demo(chat, opts)
     port = free_port()
     _, url, _ = launch(demo, port=port, block=False, max_upload_mb=opts.max_upload_mb)
@@ -59,12 +72,19 @@ def server(synthetic_root, tmp_path_factory):
         "image": str(synthetic_root / manifest["images"][0]["path"]),
         "long": str(long_clip),
         "big": str(big),
+        "live_webm": str(live),
         "examples": media / "examples",
+        "uploads": uploads,
     }
     try:
         yield url, files, synthetic_root / "broken"
     finally:
+        demo.upload_cache.stop()
         demo.close()
+        if saved_env is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved_env
 
 
 @pytest.fixture()
@@ -187,3 +207,76 @@ def test_example_media_are_regenerated_when_the_generator_changes(tmp_path, monk
     monkeypatch.setitem(synthetic.SPEEDS, "fast", synthetic.SPEEDS["fast"] * 0.9)
     ensure_examples(tmp_path)
     assert clip.read_bytes() not in (b"stale", before)  # rewritten with the new motion
+
+
+# ------------------------------------------------------------------ issue 20: uploads (points 6, 7, 8)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_upload_cache_stays_bounded(server):
+    """Uploads straight to gradio's route (as a script filling the disk would send them),
+    each under the size limit: the app's files are pruned back under --max-cache-mb."""
+    import httpx
+
+    url, files, _ = server
+    folder = files["uploads"]
+    names = []
+    for i in range(12):  # 12 x 200 KB = 2.4 MB into a 1 MB cache
+        r = httpx.post(url.rstrip("/") + "/gradio_api/upload",
+                       files={"files": (f"junk{i}.mp4", os.urandom(200 * 1024), "video/mp4")}, timeout=30)
+        r.raise_for_status()
+        names.extend(r.json())
+    time.sleep(1.5)  # three pruning intervals
+    examples = {p.name for p in files["examples"].iterdir()}  # copies gradio keeps on purpose
+    kept_by_gradio = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name in examples)
+    assert folder_bytes(folder) - kept_by_gradio <= CACHE_MB * 2**20
+    kept = [n for n in names if os.path.exists(n)]
+    assert kept and len(kept) < len(names)
+    assert kept == names[-len(kept):]  # the oldest went first
+    # a refused upload is deleted at once
+    chatbot, *_ = upload(_client(url), video=files["big"])
+    assert "MB limit" in text_of(chatbot[-1])
+    assert not [p for p in folder.rglob("big.mp4")]
+
+
+def _client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def test_length_limit_holds_for_a_webm_without_duration(server, client):
+    _, files, _ = server
+    chatbot, *_ = upload(client, video=files["live_webm"])  # 5 s, declared nowhere
+    message = text_of(chatbot[-1])
+    assert "longer than the 3 s limit" in message and "declares no duration" in message and "recorded.webm" in message
+
+
+def test_a_slow_upload_does_not_hold_up_another_user(server, monkeypatch):
+    """One user's upload takes 4 s to probe; another user's upload, sent after it, is answered
+    while the slow one still runs (uploads were handled one at a time before)."""
+    from videollm import demo_app
+
+    url, files, _ = server
+    real = demo_app._video_duration
+
+    def slow_for_long_clip(path, opts):
+        if os.path.basename(path) == "long.mp4":
+            time.sleep(4.0)
+        return real(path, opts)
+
+    monkeypatch.setattr(demo_app, "_video_duration", slow_for_long_clip)
+    slow_client, fast_client = _client(url), _client(url)
+    from gradio_client import handle_file
+
+    t0 = time.monotonic()
+    slow = slow_client.submit(handle_file(files["long"]), None, False, api_name="/upload")
+    time.sleep(0.5)
+    chatbot, *_ = upload(fast_client, video=files["silent_clip"])
+    fast_done = time.monotonic() - t0
+    assert "Received the video" in text_of(chatbot[-1])
+    assert not slow.done() and fast_done < 4.0
+    assert "longer than the 3 s limit" in text_of(slow.result()[0][-1])

@@ -7,28 +7,41 @@ input, "Upload & Start Chat" and "Restart" buttons, a beam slider (1-10), a temp
 
 * every bad upload is answered with a message in the chat, never an exception or a hang:
   nothing given, both inputs given ("Currently, only one input is supported", the original's
-  text), file too big (``--max-upload-mb``), video too long (``--max-video-seconds``), not a
-  video / corrupt / truncated / audio-only / unreadable image (decoding runs under the loader's
-  timeout), and "Audio" on for a video without an audio track (the chat goes on with the frames
-  only and says so);
+  text), file too big (``--max-upload-mb``), video too long (``--max-video-seconds``; when the
+  container declares no duration, as browser-recorded WebM, the packets are counted, with a
+  cap on the work), too many pixels per frame (the training limit, checked before decoding),
+  not a video / corrupt / truncated / audio-only / unreadable image (decoding runs under the
+  loader's timeout), and "Audio" on for a video without an audio track (the chat goes on with
+  the frames only and says so);
+* uploads are probed in a child process that is killed at the timeout
+  (:func:`videollm.processors.video_loader.run_isolated`), and up to ``upload_concurrency``
+  uploads are handled at once, so one slow or hanging file does not hold up other users;
 * answers stream token by token;
 * the server listens on 127.0.0.1 unless ``--host`` or ``--share`` is given;
 * examples are generated synthetic clips and an image (written to a cache folder at startup).
 
 Upload size has two limits: ``--max-upload-mb`` is checked by our handler (a chat message), and
-gradio itself refuses files above twice that (``max_file_size``) so a huge upload never fills the
-disk; such a refusal is shown by gradio as an error toast.
+gradio itself refuses files above twice that (``max_file_size``); such a refusal is shown by
+gradio as an error toast. The upload cache is bounded too (:class:`UploadCache`): refused files
+are deleted at once, the files this app received are pruned oldest first whenever they total
+more than ``--max-cache-mb`` (checked at each upload and every ``cache_check_s`` seconds, so the
+bound can be exceeded by at most what arrives in that interval), and gradio's ``delete_cache``
+removes them after ``--cache-max-age`` seconds. ``main`` gives gradio a cache folder of its own
+(``GRADIO_TEMP_DIR``) unless one is set. A session whose file was pruned keeps its chat (the
+media are already decoded), only the video shown in its chat history is gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 # gradio must not try to reach its analytics server (offline machines, tests).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -60,6 +73,11 @@ class DemoOptions:
     max_length: int = 2000
     examples_dir: Optional[str] = None  # None: DEFAULT_EXAMPLES_DIR
     startup_notices: Sequence[str] = ()
+    max_cache_mb: float = 2000.0  # size bound of the uploads this app keeps (UploadCache)
+    cache_max_age_s: float = 3600.0  # gradio's delete_cache age
+    cache_check_s: float = 30.0  # how often the cache is checked (gradio and UploadCache)
+    upload_concurrency: int = 4  # uploads handled at once (probing and decoding are isolated)
+    probe_timeout_s: float = 10.0  # the duration / header probe of an upload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,30 +125,28 @@ def ensure_examples(folder: os.PathLike | str) -> Dict[str, Path]:
 # Upload checks
 
 
-def _video_duration(path: str, timeout: Optional[float]) -> Optional[float]:
-    """Duration in seconds from the container/stream metadata, or None if unknown/unreadable."""
-    from videollm.processors.video_loader import run_with_timeout
-
-    def probe() -> Optional[float]:
-        import av
-
-        with av.open(path, metadata_errors="ignore") as container:
-            if container.streams.video:
-                stream = container.streams.video[0]
-                if stream.duration is not None and stream.time_base is not None:
-                    return float(stream.duration * stream.time_base)
-            if container.duration is not None:
-                return container.duration / 1_000_000  # av.time_base
-        return None
+def _video_duration(path: str, opts: DemoOptions) -> Any:
+    """:func:`~videollm.processors.video_loader.video_duration` of ``path`` in a killable child
+    process; counting stops once the limit is passed. None if the probe fails (the decoder then
+    gives the precise reason)."""
+    from videollm.processors.video_loader import run_isolated, video_duration
 
     try:
-        return run_with_timeout(probe, timeout, path)
-    except Exception:  # unreadable: the decoder will give the precise reason
+        return run_isolated(video_duration, path, stop_after=opts.max_video_seconds, timeout=opts.probe_timeout_s,
+                            what=path)
+    except VideoLLMError as exc:
+        if "timed out" in str(exc):
+            raise
         return None
 
 
-def check_upload(path: str, kind: str, opts: DemoOptions, timeout: Optional[float]) -> Optional[str]:
-    """A message if ``path`` must be refused before decoding (size, duration), else None."""
+def check_upload(path: str, kind: str, opts: DemoOptions, timeout: Optional[float] = None) -> Optional[str]:
+    """A message if ``path`` must be refused before decoding (size, duration), else None.
+
+    ``timeout`` (seconds) overrides ``opts.probe_timeout_s`` for the duration probe.
+    """
+    if timeout is not None:
+        opts = dataclasses.replace(opts, probe_timeout_s=timeout)
     name = os.path.basename(path)
     try:
         size = os.path.getsize(path)
@@ -140,13 +156,124 @@ def check_upload(path: str, kind: str, opts: DemoOptions, timeout: Optional[floa
     if size > limit:
         return f"{name}: the file is {size / 2**20:.1f} MB, more than the {opts.max_upload_mb:g} MB limit (--max-upload-mb)."
     if kind == "video" and opts.max_video_seconds > 0:
-        duration = _video_duration(path, timeout)
-        if duration is not None and duration > opts.max_video_seconds:
+        try:
+            duration = _video_duration(path, opts)
+        except VideoLLMError:
+            return f"{name}: reading the video's length took more than {opts.probe_timeout_s:g} s; the file was not used."
+        if duration is None or duration.seconds is None:
+            return None
+        if duration.seconds > opts.max_video_seconds:
+            counted = "" if duration.source != "packets" else " (counted: the file declares no duration)"
+            more = "more than " if not duration.complete else ""
             return (
-                f"{name}: the video lasts {duration:.1f} s, longer than the {opts.max_video_seconds:g} s limit "
-                "(--max-video-seconds); cut it shorter."
+                f"{name}: the video lasts {more}{duration.seconds:.1f} s{counted}, longer than the "
+                f"{opts.max_video_seconds:g} s limit (--max-video-seconds); cut it shorter."
+            )
+        if not duration.complete:
+            return (
+                f"{name}: the file declares no duration and counting its frames stopped after "
+                f"{duration.packets} frames ({duration.seconds:.1f} s); it was not used."
             )
     return None
+
+
+class UploadCache:
+    """Keeps the files a gradio app received under ``max_bytes`` (oldest deleted first).
+
+    Only files the app itself recorded (``blocks.temp_file_sets``: every upload, whether or not
+    a handler saw it) are counted and deleted, never other files of a shared gradio folder, and
+    never files gradio keeps on purpose (examples, ``keep_in_cache``) or those in ``busy``.
+    :meth:`prune` runs at each upload and every ``interval`` seconds in a daemon thread
+    (:meth:`start`), so the disk use stays under ``max_bytes`` plus what arrives in one interval.
+    """
+
+    def __init__(self, blocks: Any, max_bytes: int, interval: float = 30.0) -> None:
+        self.blocks = blocks
+        self.max_bytes = int(max_bytes)
+        self.interval = float(interval)
+        self.busy: set = set()  # paths being handled right now
+        self.deleted = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _files(self) -> List[str]:
+        for _ in range(5):  # a set may change size while it is copied (another thread uploads)
+            try:
+                keep = set()
+                for component in list(self.blocks.blocks.values()):
+                    keep.update(getattr(component, "keep_in_cache", ()))
+                files = set()
+                for file_set in list(self.blocks.temp_file_sets):
+                    files.update(list(file_set))
+                return sorted(files - keep - self.busy)
+            except RuntimeError:
+                continue
+        return []
+
+    def total_bytes(self) -> int:
+        return sum(size for _, size, _ in self._stat(self._files()))
+
+    @staticmethod
+    def _stat(paths: Iterable[str]) -> List[tuple]:
+        out = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out.append((path, st.st_size, st.st_ctime))
+        return out
+
+    def forget(self, path: str) -> None:
+        for file_set in list(self.blocks.temp_file_sets):
+            file_set.discard(path)
+
+    def delete(self, path: str) -> None:
+        """Delete one file of this app now (a refused upload)."""
+        try:
+            os.remove(path)
+            self.deleted += 1
+        except OSError:
+            pass
+        self.forget(path)
+        try:  # gradio puts each upload in a folder of its own
+            os.rmdir(os.path.dirname(path))
+        except OSError:
+            pass
+
+    def prune(self) -> int:
+        """Delete the oldest files until the total is under the bound; returns how many."""
+        with self._lock:
+            entries = sorted(self._stat(self._files()), key=lambda e: e[2])
+            total = sum(size for _, size, _ in entries)
+            removed = 0
+            for path, size, _ in entries:
+                if total <= self.max_bytes:
+                    break
+                self.delete(path)
+                total -= size
+                removed += 1
+            if removed:
+                logger.info("upload cache: deleted %d oldest file(s); %.1f MB kept (bound %.1f MB)", removed,
+                            total / 2**20, self.max_bytes / 2**20)
+            return removed
+
+    def start(self) -> "UploadCache":
+        if self._thread is None:
+            def loop() -> None:
+                while not self._stop.wait(self.interval):
+                    try:
+                        self.prune()
+                    except Exception:  # noqa: BLE001 - the server must go on
+                        logger.exception("upload cache pruning failed")
+
+            self._thread = threading.Thread(target=loop, name="videollm-upload-cache", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _error_text(exc: BaseException, path: Optional[str] = None) -> str:
@@ -203,8 +330,12 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
     """Build the gradio Blocks app around ``chat`` (not launched)."""
     import gradio as gr
 
+    from videollm.processors.video_loader import warm_up_isolation
+
     opts = opts or DemoOptions()
     examples = ensure_examples(opts.examples_dir or DEFAULT_EXAMPLES_DIR)
+    logger.info("decoding process server started in %.1f s", warm_up_isolation())
+    cache: Optional[UploadCache] = None  # set once the Blocks exist
 
     def assistant(text: str) -> Dict[str, Any]:
         return {"role": "assistant", "content": text}
@@ -223,16 +354,29 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
 
     def upload(video, image, history, audio_flag):
         """-> chatbot, history, video, image, text_input, upload_button, chat_state, img_list."""
-        chatbot = list(history or [])
         video_path, image_path = _media_path(video), _media_path(image)
+        busy = [p for p in (video_path, image_path) if p]
+        cache.busy.update(busy)
+        try:
+            cache.prune()
+            return handle_upload(video_path, image_path, history, audio_flag)
+        finally:
+            cache.busy.difference_update(busy)
 
-        def refuse(message: str):
+    def handle_upload(video_path, image_path, history, audio_flag):
+        chatbot = list(history or [])
+
+        def refuse(message: str, drop: Optional[str] = None):
+            """Answer ``message``; ``drop``: a refused file, deleted now and cleared from its input."""
             chatbot.append(assistant(message))
+            if drop is not None:
+                cache.delete(drop)
+            cleared = gr.update(value=None, interactive=True)
             return (
                 chatbot,
                 chatbot,
-                gr.update(interactive=True),
-                gr.update(interactive=True),
+                cleared if drop is not None and drop == video_path else gr.update(interactive=True),
+                cleared if drop is not None and drop == image_path else gr.update(interactive=True),
                 gr.update(interactive=False, placeholder="Upload a video or an image first"),
                 gr.update(value="Upload & Start Chat", interactive=True),
                 None,
@@ -244,9 +388,9 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
         if video_path is not None and image_path is not None:
             return refuse(ONLY_ONE_INPUT + ": clear the video or the image, then upload again.")
         kind, path = ("video", video_path) if video_path is not None else ("image", image_path)
-        problem = check_upload(path, kind, opts, chat.timeout)
+        problem = check_upload(path, kind, opts)
         if problem:
-            return refuse(problem)
+            return refuse(problem, drop=path)
         conv = new_conversation(opts.model_type, kind)
         img_list: List[Any] = []
         notices: List[str] = []
@@ -258,7 +402,7 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
         except Exception as exc:  # every failure becomes a chat message
             if not isinstance(exc, VideoLLMError):
                 logger.exception("upload of %s failed", path)
-            return refuse(_error_text(exc, path))
+            return refuse(_error_text(exc, path), drop=path)
         chatbot.append({"role": "user", "content": {"path": path}})
         what = "video and its sound" if kind == "video" and audio_flag and not notices else kind
         chatbot.append(assistant(f"Received the {what}. Ask me about it."))
@@ -323,7 +467,9 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
             chat.reset(chat_state, img_list)
         return reset_outputs([])
 
-    with gr.Blocks(title="videollm: Video-LLaMA chat") as demo:
+    # gradio deletes this app's files older than cache_max_age_s; UploadCache bounds their size.
+    delete_cache = (max(1, int(opts.cache_check_s)), max(1, int(opts.cache_max_age_s)))
+    with gr.Blocks(title="videollm: Video-LLaMA chat", delete_cache=delete_cache) as demo:
         gr.Markdown(TITLE)
         with gr.Row():
             with gr.Column(scale=1):
@@ -358,6 +504,7 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
         upload_button.click(
             upload, [video, image, history, audio],
             [chatbot, history, video, image, text_input, upload_button, chat_state, img_list], api_name="upload",
+            concurrency_limit=max(1, opts.upload_concurrency),
         )
         text_input.submit(ask, [text_input, history, chat_state], [text_input, chatbot, history, chat_state], api_name="ask").then(
             answer, [history, chat_state, img_list, num_beams, temperature], [chatbot, history, chat_state, img_list],
@@ -366,6 +513,8 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
         clear.click(restart, [chat_state, img_list],
                     [chatbot, history, video, image, text_input, upload_button, chat_state, img_list], api_name="restart")
     demo.queue(default_concurrency_limit=1)
+    cache = UploadCache(demo, int(opts.max_cache_mb * 2**20), opts.cache_check_s)
+    demo.upload_cache = cache  # started by launch()
     return demo
 
 
@@ -373,6 +522,8 @@ def launch(demo, *, host: Optional[str] = None, port: Optional[int] = None, shar
            max_upload_mb: float = 200.0, block: bool = True):
     """Start the server: 127.0.0.1 unless ``host`` (or ``share``) says otherwise."""
     server_name = host or ("0.0.0.0" if share else "127.0.0.1")
+    if getattr(demo, "upload_cache", None) is not None:
+        demo.upload_cache.start()
     return demo.launch(
         server_name=server_name, server_port=port, share=share, prevent_thread_lock=not block,
         max_file_size=f"{int(max(1, 2 * max_upload_mb))}mb", show_error=True, quiet=not block,
@@ -387,6 +538,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (listens on 0.0.0.0)")
     parser.add_argument("--max-upload-mb", type=float, default=200.0, help="largest accepted upload in MB")
     parser.add_argument("--max-video-seconds", type=float, default=600.0, help="longest accepted video in seconds (0: no limit)")
+    parser.add_argument("--max-cache-mb", type=float, default=2000.0,
+                        help="disk kept for uploads; the oldest are deleted beyond it")
+    parser.add_argument("--cache-max-age", type=float, default=3600.0, help="uploads are deleted after this many seconds")
     parser.add_argument("--examples-dir", default=None, help=f"where the example media are generated (default {DEFAULT_EXAMPLES_DIR})")
     return parser.parse_args(argv)
 
@@ -396,11 +550,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if not os.environ.get("GRADIO_TEMP_DIR"):  # a folder of our own, not the machine-wide /tmp/gradio
+        import tempfile
+
+        os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="videollm-demo-uploads-")
+    logger.info("uploads are kept in %s (at most %g MB, %g s)", os.environ["GRADIO_TEMP_DIR"], args.max_cache_mb,
+                args.cache_max_age)
     logger.info("Initializing Chat")
     chat, model_type, notices = build_chat_from_args(args)
     logger.info("Initialization Finished")
     opts = DemoOptions(model_type=model_type, max_upload_mb=args.max_upload_mb, max_video_seconds=args.max_video_seconds,
-                       examples_dir=args.examples_dir, startup_notices=notices)
+                       examples_dir=args.examples_dir, startup_notices=notices, max_cache_mb=args.max_cache_mb,
+                       cache_max_age_s=args.cache_max_age)
     demo = build_demo(chat, opts)
     launch(demo, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
     return 0
