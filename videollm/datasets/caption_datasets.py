@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from videollm.datasets.bad_samples import (
     DEFAULT_MAX_PIXELS,
     BadInput,
+    BadSample,
     guarded,
     load_image_sample,
     load_video_sample,
@@ -137,19 +138,19 @@ class WebvidDataset(CaptionDatasetMixin, Dataset):
 
     def __getitem__(self, index: int) -> Any:
         row = self.annotation[index]
-        try:
-            name = self.video_path(row)
-        except BadInput:
-            name = str(row.get("__where__", f"<webvid row {index}>")) if isinstance(row, dict) else f"<webvid row {index}>"
+        where = str(row.get("__where__", f"<webvid row {index}>")) if isinstance(row, dict) else f"<webvid row {index}>"
+        # the row first (named by file and line), then the video (named by its path)
+        entry = guarded(where, lambda: (self.video_path(row), text_field(row, "name").strip()))
+        if isinstance(entry, BadSample):
+            return entry
+        path, caption = entry
 
         def load() -> Dict[str, Any]:
-            path = self.video_path(row)
-            caption = text_field(row, "name").strip()
             video = load_video_sample(path, self.vis_processor, self.n_frms, self.max_pixels)
             text = self.text_processor(caption) if self.text_processor is not None else caption
             return {"image": video, "text_input": text, "type": "video"}
 
-        return guarded(name, load)
+        return guarded(path, load)
 
 
 class CCSBUAlignDataset(CaptionDatasetMixin, Dataset):
