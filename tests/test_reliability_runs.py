@@ -114,6 +114,20 @@ def test_resume_with_a_lower_lr_trains_at_the_lower_lr(tmp_path, caplog):
     assert "run.init_lr: 0.001 -> 0.0001" in caplog.text and "weight_decay: 0.05 -> 0.01" in caplog.text
 
 
+def test_resume_with_other_epoch_sizes_continues_at_the_same_global_iteration(tmp_path, caplog):
+    cfg = tiny_config(tmp_path, max_epoch=1, iters_per_epoch=4, save_freq_iters=2)
+    first = make_runner(cfg)
+    first.train_loader = CrashingLoader(first.train_loader, 3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        first.train()
+    second = make_runner(tiny_config(tmp_path, max_epoch=2, iters_per_epoch=2, auto_resume=True))
+    with caplog.at_level(logging.WARNING):
+        second.train()
+    assert (second.start_epoch, second.start_iter) == (1, 0)  # global iteration 2 in epochs of 2
+    assert [r["iteration"] for r in read_log(tmp_path)] == [0, 1, 2, 3]
+    assert "run.iters_per_epoch: 4 -> 2" in caplog.text and "run.max_epoch: 1 -> 2" in caplog.text
+
+
 # ------------------------------------------------------------------------------ 11: auto-resume fallback
 def test_kill_during_the_first_resume_write_falls_back_to_the_checkpoint(tmp_path, caplog, monkeypatch):
     """A kill while resume_latest.pth is first written leaves checkpoint_0.pth complete and a

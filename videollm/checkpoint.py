@@ -13,6 +13,15 @@ Formats:
   convert it.
 - ``.safetensors``: read with safetensors.
 - Hugging Face model folders: :func:`iter_checkpoint_shards` lists their weight files.
+
+Saving is all or nothing: :func:`atomic_path` (one file) and :func:`atomic_folder` (a folder of
+files) write into a hidden sibling ``.NAME.PID.RANDOM.tmp`` and rename it into place when
+complete, so a kill or a full disk never leaves a half-written file under a real name;
+:func:`remove_stale_temporaries` clears what killed processes left. Storage failures (no space
+left, read-only file system, quota, I/O errors: from the OS, from torch's zip writer, from
+safetensors) raise :class:`~videollm.errors.StorageError` naming the path and the cause.
+``torch.save`` is given a Python file object, so a full disk is reported with its errno rather
+than as torch's bare ``unexpected pos``.
 """
 
 from __future__ import annotations
