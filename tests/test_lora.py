@@ -109,6 +109,12 @@ def test_lora_config_checks() -> None:
 def test_unknown_target_module_is_named(llm_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"\['qkv'\] not found .*q_proj"):
         _model(llm_dir, LoRAConfig(target_modules=["qkv"]))
+    suffix = _model(llm_dir, LoRAConfig(r=R, target_modules=["self_attn.q_proj", "down_proj"]))
+    adapted = {k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in lora_state_dict(suffix) if ".lora_A." in k}
+    assert adapted == {"q_proj", "down_proj"}
+    regex = _model(llm_dir, LoRAConfig(r=R, target_modules=r".*\.1\.self_attn\.k_proj"))
+    assert [k for k in lora_state_dict(regex) if ".lora_A." in k] == [
+        "llama_model.base_model.model.model.layers.1.self_attn.k_proj.lora_A.default.weight"]
 
 
 def test_adapter_save_load_gives_identical_logits(llm_dir: Path, tmp_path: Path) -> None:
@@ -300,3 +306,27 @@ def test_convert_merge_lora_checkpoint(llm_dir: Path, tmp_path: Path, capsys) ->
     torch.save({"connector.weight": torch.zeros(2, 2)}, bare)
     assert main(["merge-lora", str(bare), str(tmp_path / "z.pth"), "--cfg-path", "eval_configs/tiny.yaml"]) == 1
     assert "holds no LoRA tensors" in capsys.readouterr().err
+
+
+def test_modules_to_save_train_save_and_merge(llm_dir: Path, tmp_path: Path) -> None:
+    """A module trained in full next to LoRA (lm_head) is saved with the adapter and merged under its plain name."""
+    cfg = LoRAConfig(r=R, alpha=8, dropout=0.0, modules_to_save=["lm_head"])
+    model = _model(llm_dir, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "llama_model.base_model.model.lm_head.modules_to_save.default.weight" in trainable
+    _train(model, 2)
+    model.eval()
+    feats, ids = _batch()
+    with torch.no_grad():
+        ref = model(feats, ids)
+    fresh = _model(llm_dir, cfg)
+    fresh.connector.load_state_dict(model.connector.state_dict())
+    load_adapter(fresh, "llama_model", save_adapter(model, "llama_model", tmp_path / "a"))
+    ckpt = {k: v for k, v in model.state_dict().items() if k in trainable}
+    plain = _model(llm_dir).eval()
+    merged = merge_lora_state_dict(ckpt, cfg.scaling, base=plain.state_dict())
+    assert "llama_model.lm_head.weight" in merged
+    plain.load_state_dict(merged, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(feats, ids), ref, rtol=0, atol=0)
+        torch.testing.assert_close(plain(feats, ids), ref, rtol=0, atol=1e-5)

@@ -48,7 +48,8 @@ class LoRAConfig:
     """``model.lora`` of a config: the LoRA applied to the LLM.
 
     ``target_modules``: names (suffixes) of the linear layers that get an adapter; ``bias``:
-    ``none``, ``all`` or ``lora_only`` (which biases train); ``modules_to_save``: LLM modules
+    ``none``, ``all`` or ``lora_only`` (which biases train); a string ``target_modules`` is passed to
+    PEFT as is (a regex, or ``all-linear``); ``modules_to_save``: LLM modules
     trained in full and saved with the adapter (e.g. ``["embed_tokens", "lm_head"]`` after adding
     tokens); ``use_rslora``: scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
     """
@@ -56,7 +57,7 @@ class LoRAConfig:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: Union[List[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     bias: str = "none"
     modules_to_save: Optional[List[str]] = None
     use_rslora: bool = False
@@ -95,7 +96,7 @@ class LoRAConfig:
             r=int(self.r),
             lora_alpha=self.alpha,
             lora_dropout=float(self.dropout),
-            target_modules=list(self.target_modules),
+            target_modules=self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules),
             bias=self.bias,
             modules_to_save=list(self.modules_to_save) if self.modules_to_save else None,
             use_rslora=bool(self.use_rslora),
@@ -151,10 +152,12 @@ def apply_lora(model: nn.Module, llm_attr: str, cfg: Union[LoRAConfig, Mapping[s
     llm = _llm(model, llm_attr)
     if is_lora(llm):
         raise ConfigError(f"{llm_attr}: LoRA is already applied")
-    names = {name.rsplit(".", 1)[-1] for name, mod in llm.named_modules()}
-    missing = [t for t in cfg.target_modules if t not in names]
+    names = [name for name, _ in llm.named_modules()]
+    # a list names modules by suffix; a string is PEFT's regex or "all-linear", checked by PEFT
+    targets = [] if isinstance(cfg.target_modules, str) else cfg.target_modules
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, nn.Linear)} or names)
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(
             f"model.lora.target_modules: {missing} not found in the LLM ({type(llm).__name__}); "
             f"its linear layers: {', '.join(linear)}"
@@ -314,6 +317,13 @@ def merge_lora_state_dict(
         raise CheckpointError(f"LoRA tensors of several models in one checkpoint: {attrs}; pass llm_attr")
     attr = attrs[0]
     base = base or {}
+    prefix = f"{attr}{PEFT_INFIX}"
+    odd = [k for k in state if k.startswith(prefix) and ".lora_" in k and not re.search(r"\.lora_[AB]\.[^.]+\.weight$", k)]
+    if odd:
+        raise CheckpointError(
+            f"{odd[0]}: a LoRA tensor of a kind this merge does not fold (embedding/conv LoRA, LoRA bias); "
+            "merge on the model with videollm.models.lora.merge_lora instead"
+        )
     out: Dict[str, torch.Tensor] = {}
     pairs = 0
     for key, a in state.items():
