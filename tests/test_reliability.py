@@ -225,6 +225,14 @@ def test_outside_root_paths_load_when_allowed(webvid_rows):
     assert reasons(out)[6:8] == [None, None]  # ../outside.mp4 and /tmp/.../outside.mp4 exist
 
 
+def test_csv_with_a_byte_order_mark_and_crlf_lines_reads(synthetic_root, tmp_path):
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "a.csv").write_bytes(b"\xef\xbb\xbfvideoid,name,page_dir\r\n1000,a clip,000\r\n")
+    ds = build("webvid", vis_processor=VIDEO_PROC,
+               build_info={"anno_dir": str(tmp_path / "ann"), "videos_dir": str(synthetic_root / "videos")})
+    assert ds[0]["text_input"] == "a clip"
+
+
 def test_symlinks_inside_the_root_are_still_followed(synthetic_root, tmp_path):
     (tmp_path / "videos").mkdir()
     os.symlink(synthetic_root / "videos" / "000", tmp_path / "videos" / "linked")

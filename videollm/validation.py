@@ -99,7 +99,7 @@ IMAGEBIND_RANGES = {"out_embed_dim": POSITIVE, "vision_embed_dim": POSITIVE, "vi
 LLM_POSITIVE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size", "max_position_embeddings", "head_dim")
 # accepted by transformers' configs although not in a default config's attributes
-LLM_LEGACY_KEYS = ("rope_theta", "rope_scaling", "torch_dtype", "name_or_path")
+LLM_LEGACY_KEYS = ("rope_theta", "rope_scaling", "torch_dtype", "name_or_path", "attn_implementation")
 
 
 def _check_ranges(values: Mapping[str, Any], ranges: Mapping[str, Range], prefix: str) -> None:

@@ -75,7 +75,7 @@ def read_webvid_annotations(anno_dir: str) -> List[Dict[str, Any]]:
     for path in files:
         malformed = 0
         # surrogateescape: a row with bytes that are not UTF-8 is refused alone (text_field), not the file
-        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: Excel's BOM
             reader = csv.DictReader(f)
             try:
                 fieldnames = reader.fieldnames or []
