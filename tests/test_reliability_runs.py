@@ -169,6 +169,46 @@ def test_kill_during_the_first_resume_write_falls_back_to_the_checkpoint(tmp_pat
     assert (tmp_path / RESUME_NAME).is_file()
 
 
+KILLED_DURING_RESUME_WRITE = """
+import os, signal, sys, torch
+real_save = torch.save
+def dying_save(obj, f, *args, **kwargs):
+    name = str(f) if isinstance(f, (str, os.PathLike)) else f.f.name
+    if "resume_latest" in name:  # the first write of resume_latest.pth: half of it, then SIGKILL
+        open(name, "ab").write(b"PK\\x03\\x04 half a zip")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = dying_save
+sys.path.insert(0, sys.argv[1])
+import train
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_first_resume_write_then_auto_resume(tmp_path):
+    """A real SIGKILL in the middle of writing resume_latest.pth for the first time: the next run
+    resumes from checkpoint_0.pth (not from scratch) and removes the killed run's temporary."""
+    out = tmp_path / "run"
+    argv = ["--cfg-path", str(REPO / "train_configs/tiny_synthetic.yaml"), "--options", f"run.output_dir={out}",
+            "run.max_epoch=2", "run.iters_per_epoch=1", "run.batch_size_train=2", "run.num_workers=0",
+            "run.evaluate=false", "run.auto_resume=true", "datasets.synthetic_clips.build_info.val_anno_dir=null"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    killed = subprocess.run([sys.executable, "-c", KILLED_DURING_RESUME_WRITE, str(REPO), *argv], env=env,
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    orphans = temp_names(out)
+    assert len(orphans) == 1 and orphans[0].startswith(f".{RESUME_NAME}.")
+    assert (out / "checkpoint_0.pth").is_file() and not (out / RESUME_NAME).exists()
+    again = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], env=env, cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"removed {out / orphans[0]}" in again.stderr
+    assert f"resuming from {out / 'checkpoint_0.pth'}" in again.stderr
+    assert [r["iteration"] for r in read_log(out)] == [0, 1]  # epoch 0 was not trained again
+    assert temp_names(out) == [] and ck.load_file(out / RESUME_NAME)["epoch"] == 1
+
+
 def test_fallback_takes_the_newest_checkpoint_that_loads(tmp_path, caplog):
     cfg = tiny_config(tmp_path, max_epoch=2, iters_per_epoch=4, save_freq_iters=2, keep_last_checkpoints=0)
     make_runner(cfg).train()
