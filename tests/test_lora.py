@@ -213,7 +213,7 @@ def _train(model: TinyVLM, steps: int, lr: float = 1e-2):
     return losses
 
 
-def test_qlora_4bit_trains_on_cpu(llm_dir: Path) -> None:
+def test_qlora_4bit_trains_on_cpu(llm_dir: Path, tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
     model = _model(llm_dir, LoRAConfig(r=R, alpha=8, dropout=0.05), load_in_4bit=True).train()
@@ -227,6 +227,18 @@ def test_qlora_4bit_trains_on_cpu(llm_dir: Path) -> None:
     assert lora and all(not torch.equal(before[k], after[k]) for k in lora)
     frozen = [k for k in before if "base_layer.weight" in k]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # 4-bit base untouched
+    with pytest.raises(ConfigError, match="merge into a 16/32-bit base"):
+        merge_lora(model, "llama_model")
+    # the QLoRA release path: the adapter trained on the 4-bit base, merged into a full-precision one
+    full = _model(llm_dir)
+    load_adapter(full, "llama_model", save_adapter(model, "llama_model", tmp_path / "qlora"))
+    lora_after = {k: v for k, v in full.state_dict().items() if ".lora_" in k}
+    assert all(torch.equal(lora_after[k], after[k]) for k in lora)
+    feats, ids = _batch()
+    with torch.no_grad():
+        unmerged = full.eval()(feats, ids)
+        merge_lora(full, "llama_model")
+        torch.testing.assert_close(full(feats, ids), unmerged, rtol=0, atol=1e-5)
 
 
 def test_lora_on_an_8bit_base_on_cpu(llm_dir: Path) -> None:

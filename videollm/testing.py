@@ -7,6 +7,9 @@
   GPT-2 style (one ``<|endoftext|>`` token, nothing prepended, no pad).
 - :func:`write_llama_auto_tokenizer`: the project's tiny SentencePiece model as a folder that
   ``transformers.AutoTokenizer`` loads as a LLaMA tokenizer.
+
+A 4-bit (bitsandbytes) tiny LLM that runs inference on the CPU needs ``hidden_size`` and
+``intermediate_size`` multiples of 64: the CPU kernels repack weights in 64-wide input blocks.
 """
 
 from __future__ import annotations

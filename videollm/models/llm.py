@@ -182,9 +182,22 @@ def build_language_model(
         except (ValueError, KeyError) as exc:
             raise ConfigError(f"{key}: llm_config: {exc}") from exc
         llm = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype)
+    if load_in_4bit and path and not _cuda_target(device_map, device_8bit):
+        _warn_cpu_4bit_blocks(llm, key)
     if grad_checkpointing:
         enable_gradient_checkpointing(llm)
     return llm
+
+
+def _warn_cpu_4bit_blocks(llm: nn.Module, key: str) -> None:
+    """bitsandbytes' CPU inference path repacks 4-bit weights per 64-wide block of inputs and fails
+    (a reshape error) on layers narrower than that; training mode does not repack."""
+    narrow = sorted({m.in_features for m in llm.modules() if hasattr(m, "in_features") and m.in_features % 64})
+    if narrow:
+        logger.warning(
+            "%s: 4-bit on the CPU: linear layers with %s inputs (not a multiple of 64) fail in "
+            "bitsandbytes' CPU inference kernels; they work in training mode", key, narrow
+        )
 
 
 def _require_bitsandbytes(key: str) -> None:

@@ -239,9 +239,18 @@ def load_adapter(model: nn.Module, llm_attr: str, path: Union[str, Path], is_tra
 def merge_lora(model: nn.Module, llm_attr: str) -> None:
     """Fold the adapter into the base weights and drop PEFT: the LLM is plain again, with its
     original state-dict names (``W <- W + (alpha / r) B A``)."""
+    from videollm.models.llm import is_quantized
+
     llm = _llm(model, llm_attr)
     if not is_lora(llm):
         raise ConfigError(f"{llm_attr}: no LoRA adapter to merge")
+    if is_quantized(llm.get_base_model()):
+        # Re-quantizing W + BA loses the adapter in rounding, and bitsandbytes' CPU inference
+        # repacks 4-bit weights in a layout PEFT's merge does not read (garbage, measured).
+        raise ConfigError(
+            f"{llm_attr}: the LLM is 8/4-bit; merge into a 16/32-bit base: save_adapter, rebuild the "
+            "LLM without load_in_8bit/load_in_4bit, load_adapter, then merge_lora"
+        )
     setattr(model, llm_attr, llm.merge_and_unload())
 
 
