@@ -17,13 +17,13 @@ from videollm.chat import (
     IMAGE_SYSTEM,
     Chat,
     StopOnText,
-    model_type_from_config,
+    ChatMedia,
     new_conversation,
-    postprocess_ids,
     postprocess_text,
     resolve_checkpoint_pattern,
 )
 from videollm.errors import ImageDecodeError, VideoDecodeError, VideoLLMError
+from videollm.models.video_llama import template_for_model_type
 
 TINY_YAML = Path(__file__).resolve().parents[1] / "videollm" / "configs" / "models" / "video_llama_tiny.yaml"
 # The original's string, with the runs of spaces its backslash continuation left in it.
@@ -84,7 +84,11 @@ def test_video_prompt_exact(chat, media):
     conv, imgs = _video_conv(chat, media["silent_clip"], "What moves?")
     chat.prepare(conv, imgs, max_new_tokens=10)
     assert conv.get_prompt() == "###Human: <Video><ImageHere></Video> " + CLIP_MSG + " What moves?###Assistant:"
-    assert len(imgs) == 1 and imgs[0].shape == (1, 8, 64)
+    # encoded lazily (at answer time), once: Video-LLaMA's tokens do not depend on the question
+    assert len(imgs) == 1 and isinstance(imgs[0], ChatMedia) and imgs[0].shape == (1, 8, 64)
+    cached = imgs[0].embeds
+    chat.media_embeddings(conv, imgs)
+    assert imgs[0].embeds is cached
 
 
 def test_image_prompts_exact(chat, media):
@@ -104,10 +108,12 @@ def test_image_prompts_exact(chat, media):
 
     conv3, imgs3 = new_conversation("vicuna", "image"), []
     chat.upload_img(Image.open(media["image"]), conv3, imgs3)
-    pixels = chat.image_vis_processor(Image.open(media["image"]).convert("RGB"))
+    pixels = chat.model.load_media(media["image"], "image").data
     chat.upload_img(pixels, conv3, imgs3)
-    torch.testing.assert_close(imgs3[0], imgs[0])
-    torch.testing.assert_close(imgs3[1], imgs[0])
+    chat.upload_img(pixels.unsqueeze(0).unsqueeze(2), conv3, imgs3)
+    ref = chat.media_embeddings(conv, imgs)[0]
+    for got in chat.media_embeddings(conv3, imgs3):
+        torch.testing.assert_close(got, ref)
 
 
 def test_audio_video_prompt_audio_first(chat, media):
@@ -120,11 +126,12 @@ def test_audio_video_prompt_audio_first(chat, media):
     assert conv.get_prompt() == "###Human: " + ORIGINAL_AV_MESSAGE + " What do you hear?###Assistant:"
     # audio embeddings first, then the video's
     with torch.no_grad():
-        audio_emb, _ = chat.model.encode_audioQformer(chat._load_audio(media["audio_clip"]))
-        video, _ = chat._load_video(media["audio_clip"])
+        audio_emb, _ = chat.model.encode_audioQformer(chat.model.load_media(media["audio_clip"], "audio").data.unsqueeze(0))
+        video = chat.model.load_media(media["audio_clip"], "video").data.unsqueeze(0)
         video_emb, _ = chat.model.encode_videoQformer_visual(video)
-    torch.testing.assert_close(imgs[0], audio_emb)
-    torch.testing.assert_close(imgs[1], video_emb)
+    assert [e.media.kind for e in imgs] == ["audio", "video"]
+    torch.testing.assert_close(imgs[0].embeds, audio_emb)
+    torch.testing.assert_close(imgs[1].embeds, video_emb)
     # interleaving: [BOS + seg0] [audio] [seg1, no BOS] [video] [seg2, no BOS]
     tok = chat.model.llama_tokenizer
     segs = conv.get_prompt().split("<ImageHere>")
@@ -225,11 +232,20 @@ def test_stop_criterion_and_postprocessing(chat):
     batch = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     assert stop(batch).tolist() == [False, True]
     vicuna, llama = new_conversation("vicuna"), new_conversation("llama_v2")
-    assert postprocess_ids([0, 1, 5, 6]) == [5, 6] and postprocess_ids([1, 0, 5]) == [0, 5]
     assert postprocess_text(" a dog ###Human: more", vicuna) == "a dog"
     assert postprocess_text("x Assistant: the answer ###", vicuna) == "the answer"
     assert postprocess_text(" ASSISTANT: yes </s><s>[INST]", llama) == "yes"
-    assert model_type_from_config("llama2_7b") == "llama_v2" and model_type_from_config("vicuna7b") == "vicuna"
+    assert template_for_model_type("llama2_7b") == "llama_v2" and template_for_model_type("vicuna7b") == "vicuna"
+
+
+def test_answer_keeps_every_generated_token(chat, media, monkeypatch):
+    # generate(inputs_embeds=...) returns only new tokens: a first token 0 or 1 is a real token
+    conv, imgs = _video_conv(chat, media["silent_clip"], "What moves?")
+    tok = chat.model.llama_tokenizer
+    words = tok.encode("a dog", add_special_tokens=False)
+    monkeypatch.setattr(chat.model, "generate", lambda **kw: torch.tensor([[0, 1] + words]))
+    text, ids = chat.answer(conv, imgs, max_new_tokens=5)
+    assert ids.tolist() == [0, 1] + words and text.endswith("a dog")
 
 
 # ------------------------------------------------------------------ bad input
@@ -347,4 +363,4 @@ def test_build_chat_from_tiny_eval_config(tmp_path):
     chat, model_type, notices = build_chat_from_args(args)
     assert model_type == "vicuna" and chat.model.cfg.ckpt == ""
     assert any("RANDOM" in n for n in notices)
-    assert chat.vis_processor.image_size == 32 and chat.image_size == 32
+    assert chat.media_options["vis_processor"].image_size == 32 and chat.model.cfg.image_size == 32

@@ -24,6 +24,7 @@ from videollm.datasets import (
     is_empty_batch,
 )
 from videollm.errors import ConfigError, DataError
+from videollm.models.video_llama import VideoLLaMAProcessor
 from videollm.processors.video_loader import load_video
 from videollm.registry import registry
 from videollm.synthetic import ClipSpec, write_clip
@@ -101,16 +102,19 @@ def test_llava_instruct_placeholders_and_labels(synthetic_root, model_type):
     tok = load_dataset_tokenizer("tiny")
     ann = json.loads((synthetic_root / "llava/llava_instruct.json").read_text())
     assert len(ds) == len(ann)
+    proc = VideoLLaMAProcessor("tiny", NQ, model_type, False)  # the model's processor tokenises
     for i in (0, 3):
         s = ds[i]
-        assert set(s) == {"image", "input_ids", "labels"}
-        assert s["image"].shape == (3, SIZE, SIZE)
-        pos = image_patch_positions(s["input_ids"], tok)
+        assert set(s) == {"image", "conversations", "media_msg", "path"}  # datasets do not tokenise
+        assert s["image"].shape == (3, SIZE, SIZE) and s["conversations"] == ann[i]["conversations"]
+        out = proc(ds.collater([s]))
+        ids, labels = out["input_ids"][0], out["labels"][0]
+        pos = image_patch_positions(ids, tok)
         assert len(pos) == NQ and int(pos[-1] - pos[0]) == NQ - 1
-        ids, labels = tokenize_instruct(expand_image_placeholders(ann[i]["conversations"], NQ), tok, model_type)
-        assert torch.equal(s["input_ids"], ids) and torch.equal(s["labels"], labels)
-        assert (s["labels"] != IGNORE_INDEX).any()
-    batch = ds.collater([ds[0], ds[1]])
+        want_ids, want_labels = tokenize_instruct(expand_image_placeholders(ann[i]["conversations"], NQ), tok, model_type)
+        assert torch.equal(ids, want_ids) and torch.equal(labels, want_labels)
+        assert (labels != IGNORE_INDEX).any()
+    batch = proc(ds.collater([ds[0], ds[1]]))
     assert batch["conv_type"] == "multi" and batch["images"].shape == (2, 3, SIZE, SIZE)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["bad_samples"] == [] and batch["num_samples"] == 2
@@ -125,6 +129,8 @@ def test_webvid_instruct_message_placeholders_and_labels(synthetic_root, data_ty
     ann = json.loads((synthetic_root / "videochat/videochat_instruct.json").read_text())
     s = ds[2]
     assert s["image"].shape == (3, N_FRMS, SIZE, SIZE)
+    s = VideoLLaMAProcessor("tiny", NQ, "vicuna", False)(ds.collater([s]))
+    s = {"input_ids": s["input_ids"][0], "labels": s["labels"][0]}
     pos = image_patch_positions(s["input_ids"], tok)
     assert len(pos) == NQ and int(pos[-1] - pos[0]) == NQ - 1
     _, msg = load_video(str(synthetic_root / "videos" / ann[2]["video"]), N_FRMS, SIZE, SIZE, "uniform", return_msg=True)
@@ -141,8 +147,11 @@ def test_instruct_sample_without_image_token_is_a_bad_annotation(synthetic_root,
     (tmp_path / "a.json").write_text(json.dumps(ann))
     ds = build("llava_instruct", vis_processor=IMAGE_PROC, num_video_query_token=NQ,
                build_info=dict(anno_dir=str(tmp_path / "a.json"), videos_dir=str(synthetic_root / "llava/train2014")))["train"]
-    assert ds[0].reason == "bad_annotation" and "0 <ImageHere>" in ds[0].detail
     assert ds[1].reason == "bad_annotation" and "conversations" in ds[1].detail
+    # no <image>: found when the model's processor tokenises; the sample is dropped and named
+    batch = VideoLLaMAProcessor("tiny", NQ, "vicuna", False)(ds.collater([ds[0], ds[1]]))
+    assert batch["num_samples"] == 0
+    assert [r for _, r in batch["bad_samples"]] == ["bad_annotation", "bad_annotation"]
 
 
 def test_default_yamls_validate_and_name_placeholder_paths():
@@ -377,7 +386,8 @@ def test_resume_reproduces_the_continuation_exactly(synthetic_root):
                       build_info=dict(anno_dir=str(synthetic_root / "llava/llava_instruct.json"),
                                       videos_dir=str(synthetic_root / "llava/train2014")))
         return build_train_loader({"cc": cc["train"], "llava": llava["train"]}, {"cc": 2, "llava": 1},
-                                  batch_size=4, num_workers=0, seed=7)
+                                  batch_size=4, num_workers=0, seed=7,
+                                  batch_processor=VideoLLaMAProcessor("tiny", NQ, "vicuna", False))
 
     full = make()
     reference = [next(full) for _ in range(14)]  # passes of 3 batches: crosses epochs of both

@@ -1,23 +1,31 @@
 """The chat API: upload a video, an image or a video with its sound, ask, answer (streamed or not).
 
-:class:`Chat` reproduces the operations and prompt strings of the original Video-LLaMA chat
-(``conversation_video.py``) on top of :class:`~videollm.models.video_llama.VideoLLAMA`:
+:class:`Chat` works with any registered model through the model contract
+(:class:`videollm.models.base.VideoLLM`) and builds every prompt from the conversation's chat
+template (:mod:`videollm.templates`). For Video-LLaMA it reproduces the operations and prompt
+strings of the original chat (``conversation_video.py``):
 
 * ``upload_video_without_audio``: 8 frames, uniform sampling, resized by the decoder to the
   model's image size; user message ``"<Video><ImageHere></Video> " + msg`` where msg is the
   loader's "The video contains ... seconds. " sentence (it ends with a space, and ``ask`` joins
   with another one: the double space of the original's prompts, quirk T5).
-* ``upload_video`` (audio + video): the audio embeddings go FIRST in ``img_list``, then the video
-  embeddings; the system text becomes ""; the user message is :data:`AUDIO_VIDEO_MESSAGE`, whose
-  runs of 17 and 18 spaces come from a backslash-newline continuation inside the original's
-  string literal (quirk T5). The timestamp sentence is not used in that case.
+* ``upload_video`` (audio + video): the audio embeddings go FIRST, then the video embeddings; the
+  system text becomes ""; the user message is :data:`AUDIO_VIDEO_MESSAGE`, whose runs of 17 and
+  18 spaces come from a backslash-newline continuation inside the original's string literal
+  (quirk T5). The timestamp sentence is not used in that case.
 * ``upload_img``: message ``"<Image><ImageHere></Image> "``.
-* ``ask``: appends the question to the last user message when it holds ``</Video>`` or
-  ``</Image>``, otherwise starts a new user turn.
-* ``answer``: the prompt is split on ``<ImageHere>``; only the first piece gets BOS; pieces and
-  visual embeddings are interleaved; the context is cut from the left to ``max_length`` minus
-  ``max_new_tokens``; generation stops on "###" (vicuna) or EOS (llama_v2); the text is cut at the
-  stop string and kept after the last "Assistant:" / "ASSISTANT:", then stripped.
+* ``ask``: appends the question to the last user message when it holds the template's media
+  marker (``</Video>`` or ``</Image>``), otherwise starts a new user turn.
+* ``answer``: the prompt is split on the model's placeholder; only the first piece gets BOS;
+  pieces and media embeddings are interleaved (the one merge path, :mod:`videollm.models.merge`);
+  the context is cut from the left to ``max_length`` minus ``max_new_tokens``; generation stops
+  on the template's stop string ("###" for vicuna, "</s>" or EOS for llama_v2); the text is cut
+  at the stop string and kept after the last "<assistant role>:", then stripped.
+
+Media are stored per conversation (in the ``img_list`` the caller keeps, as :class:`ChatMedia`
+entries) and encoded when an answer is generated, not at upload, so that models whose visual
+tokens depend on the question (``model.text_conditioned``) re-encode for every question; the
+others encode once and reuse the embedding.
 
 Differences from the original, each visible:
 
@@ -27,16 +35,22 @@ Differences from the original, each visible:
 * Cutting the context produces a notice too (the original printed a warning).
 * The stop check is a string check on the decoded tail of each sequence, so it works with any
   vocabulary; the original compared LLaMA ids (835; 2277 29937) that mean nothing elsewhere.
-* ``do_sample`` is a parameter (default True, as the original, which always sampled).
+* One decoding default for the chat, the demo, the CLI and batch inference
+  (:class:`GenerationSettings`: greedy, ``do_sample=False``; the original always sampled);
+  sampling is one switch away.
+* Only the tokens ``generate`` added are removed from its output: with transformers 5,
+  ``generate(inputs_embeds=...)`` returns only new tokens, so nothing is stripped (the original
+  dropped a leading 0 and 1, which can be a real first token).
 * Batched generation (:meth:`Chat.answer_batch`) with left padding, and streaming
   (:meth:`Chat.stream_answer`).
-* Video and image sizes follow the model's ``image_size`` (224 for the released models, as the
-  original's hard-coded 224), so the tiny test models work.
+* Video and image sizes follow the model's own processing (224 for the released Video-LLaMA
+  models, as the original's hard-coded 224), so the tiny test models work.
 * Bad files raise :class:`~videollm.errors.VideoLLMError` subclasses naming the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -48,75 +62,88 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from videollm.conversation import Conversation, SeparatorStyle, get_conv_template
+from videollm.conversation import Conversation
 from videollm.errors import AudioDecodeError, ConfigError, PromptError, VideoDecodeError
+from videollm.models.base import Media
+from videollm.models.merge import merge_segments, segments_from_prompt
+from videollm.templates import (  # noqa: F401 - re-exported: the original's strings live there
+    AUDIO_VIDEO_MESSAGE,
+    IMAGE_MESSAGE,
+    IMAGE_SYSTEM,
+    VIDEO_MESSAGE_PREFIX,
+    ChatTemplate,
+    get_template,
+    template_of,
+)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<ImageHere>"
-# The original's audio+video user message. Its source line ends in "\" inside the string literal,
-# so the newline disappears and the next line's 16 spaces of indentation join the text: 1 + 16
-# spaces after the first sentence and 2 + 16 after the second.
-AUDIO_VIDEO_MESSAGE = (
-    "Close your eyes, open your ears and you imagine only based on the sound that: <ImageHere>."
-    + " " * 17
-    + "Close your ears, open your eyes and you see that <Video><ImageHere></Video>."
-    + " " * 18
-    + "Now answer my question based on what you have just seen and heard."
-)
-VIDEO_MESSAGE_PREFIX = "<Video><ImageHere></Video> "
-IMAGE_MESSAGE = "<Image><ImageHere></Image> "
-# System texts the original demo sets: images get this sentence, videos an empty system.
-IMAGE_SYSTEM = (
-    "You are able to understand the visual content that the user provides. "
-    "Follow the instructions carefully and explain your answers in detail."
-)
 CONTEXT_WARNING = (
     "Warning: The number of tokens in current conversation exceeds the max length. "
     "The model will not see the contexts outside the range."
 )
-MODEL_TYPES = ("vicuna", "llama_v2")
 
 ImageInput = Union[str, "os.PathLike[str]", Any, torch.Tensor]
 
 
-def model_type_from_config(model_type: Optional[str]) -> str:
-    """Chat template for a model preset name: anything naming llama-2 -> llama_v2, else vicuna."""
-    name = (model_type or "").lower().replace("-", "_")
-    return "llama_v2" if ("llama_v2" in name or "llama2" in name) else "vicuna"
+@dataclasses.dataclass
+class GenerationSettings:
+    """The one generation configuration of the chat, the demo, the CLI and batch inference.
+
+    Greedy by default (``do_sample=False``): answers are reproducible, and the README's quoted
+    answers are greedy; ``do_sample=True`` samples with ``temperature`` and ``top_p``.
+    """
+
+    max_new_tokens: int = 300
+    num_beams: int = 1
+    min_length: int = 1
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    temperature: float = 1.0
+    max_length: int = 2000
+    do_sample: bool = False
+
+    def replace(self, **overrides: Any) -> "GenerationSettings":
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown generation setting(s) {unknown}; known: "
+                              f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclasses.dataclass
+class ChatMedia:
+    """One uploaded medium of a conversation, with its embedding once computed (when the
+    model's encoding does not depend on the question)."""
+
+    media: Media
+    embeds: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self) -> Tuple[int, ...]:  # the embedding's (1, n, H), once encoded
+        return tuple(self.embeds.shape) if self.embeds is not None else ()
 
 
 def new_conversation(model_type: str = "vicuna", media: str = "video") -> Conversation:
-    """A fresh conversation as the original demo starts it.
+    """A fresh conversation of the chat template ``model_type`` for ``media``.
 
-    ``media="image"`` sets :data:`IMAGE_SYSTEM`; ``"video"`` sets an empty system (the original
-    audio-video demo does this for both templates, overriding llama_v2's default system).
+    For Video-LLaMA's templates ``media="image"`` sets :data:`IMAGE_SYSTEM` and ``"video"`` an
+    empty system (the original audio-video demo does this for both templates, overriding
+    llama_v2's default system).
     """
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"--model_type {model_type!r}: unknown; choose one of {', '.join(MODEL_TYPES)}")
-    conv = get_conv_template(model_type)
-    if media == "image":
-        conv.system = IMAGE_SYSTEM
-    elif media == "video":
-        conv.system = ""
-    else:
+    if media not in ("video", "image"):
         raise ConfigError(f"media={media!r}: expected 'video' or 'image'")
-    return conv
+    try:
+        template = get_template(model_type)
+    except ConfigError:
+        raise ConfigError(f"--model_type {model_type!r}: unknown chat template") from None
+    return template.new_conversation(media)
 
 
 def stop_text_for(conv: Conversation) -> str:
-    """The string that ends an answer: "###" (vicuna) or "</s>" (llama_v2)."""
-    return conv.sep if conv.sep_style == SeparatorStyle.SINGLE else (conv.sep2 or "</s>")
-
-
-def postprocess_ids(ids: Sequence[int]) -> List[int]:
-    """Drop a leading 0 (unk) and then a leading 1 (BOS), as the original does (quirk T6)."""
-    out = [int(i) for i in ids]
-    if out and out[0] == 0:
-        out = out[1:]
-    if out and out[0] == 1:
-        out = out[1:]
-    return out
+    """The string that ends an answer ("###" for vicuna, "</s>" for llama_v2)."""
+    return template_of(conv).stop
 
 
 def postprocess_text(text: str, conv: Conversation) -> str:
@@ -167,17 +194,15 @@ class _IdQueueStreamer:
 
 
 class Chat:
-    """Chat with a Video-LLaMA model about one video, image, or video with sound.
+    """Chat with any registered model about one video, image, or video with sound.
 
     Args:
-        model: a :class:`~videollm.models.video_llama.VideoLLAMA` (in eval mode).
-        vis_processor: video processor with ``transform((3, T, H, W) 0..255) -> normalised``
-            (``alpro_video_eval``); None builds one at the model's image size.
+        model: a :class:`~videollm.models.base.VideoLLM` (in eval mode, placed on ``device``).
+        vis_processor / image_processor / n_frms: overrides of the model's own chat media
+            processing (passed to ``model.load_media``; None: the model's defaults).
         device: where the inputs go (the model must already be there).
-        image_processor: PIL image -> (3, s, s) (``blip2_image_eval``); None builds one at the
-            model's image size.
-        n_frms: frames sampled per video (8, as the original).
         timeout: seconds before a decode is abandoned (video and audio).
+        generation: the default :class:`GenerationSettings` of every answer.
 
     Every notice (audio fallback, context cut) is logged as a warning, appended to
     ``self.notices`` and to the ``notices`` list a call is given, if any.
@@ -189,29 +214,27 @@ class Chat:
         vis_processor=None,
         device: Union[str, torch.device] = "cpu",
         image_processor=None,
-        n_frms: int = 8,
+        n_frms: Optional[int] = None,
         timeout: Optional[float] = 30.0,
+        generation: Optional[GenerationSettings] = None,
     ) -> None:
-        from omegaconf import OmegaConf
-
-        from videollm.registry import registry
-
         self.model = model
         self.device = torch.device(device)
-        self.image_size = int(getattr(model.cfg, "image_size", 224))
-        if vis_processor is None:
-            vis_processor = registry.get_processor_class("alpro_video_eval").from_config(
-                OmegaConf.create({"image_size": self.image_size, "n_frms": n_frms})
-            )
-        if image_processor is None:
-            # The original builds Blip2ImageEvalProcessor() with its default 224 whatever the
-            # config says (quirk A4); the model's image size is the same for released models.
-            image_processor = registry.get_processor_class("blip2_image_eval").from_config(OmegaConf.create({"image_size": self.image_size}))
-        self.vis_processor = vis_processor
-        self.image_vis_processor = image_processor
+        self.media_options: Dict[str, Any] = {}
+        if vis_processor is not None:
+            self.media_options["vis_processor"] = vis_processor
+        if image_processor is not None:
+            self.media_options["image_processor"] = image_processor
+        if n_frms is not None:
+            self.media_options["n_frms"] = int(n_frms)
         self.n_frms = n_frms
         self.timeout = timeout
+        self.generation = generation or GenerationSettings()
         self.notices: List[str] = []
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
 
     # ------------------------------------------------------------------ notices
     def _notice(self, text: str, notices: Optional[List[str]]) -> str:
@@ -227,37 +250,25 @@ class Chat:
         return out
 
     # ------------------------------------------------------------------ media
-    def _load_video(self, video_path: Union[str, "os.PathLike[str]"]) -> Tuple[torch.Tensor, str]:
-        """File -> normalised (1, 3, T, s, s) on the device, and the timestamp sentence."""
-        from videollm.processors.video_loader import load_video
+    def _load(self, source: Any, kind: str) -> Media:
+        if kind in ("video", "audio") and not isinstance(source, (str, os.PathLike)):
+            raise VideoDecodeError(f"expected a {kind} file path, got {type(source).__name__}")
+        return self.model.load_media(source, kind, timeout=self.timeout, **self.media_options)
 
-        if not isinstance(video_path, (str, os.PathLike)):
-            raise VideoDecodeError(f"expected a video file path, got {type(video_path).__name__}")
-        video, msg = load_video(
-            video_path, n_frms=self.n_frms, height=self.image_size, width=self.image_size,
-            sampling="uniform", return_msg=True, timeout=self.timeout,
-        )
-        video = self.vis_processor.transform(video)
-        return video.unsqueeze(0).to(self.device), msg
-
-    def _load_audio(self, path: Union[str, "os.PathLike[str]"]) -> torch.Tensor:
-        """File -> ImageBind audio input (1, 8, 1, 128, 204); AudioDecodeError names the file."""
-        from videollm.processors.audio import load_and_transform_audio
-        from videollm.processors.video_loader import run_with_timeout
-
-        try:
-            audio = run_with_timeout(lambda: load_and_transform_audio(path, clips_per_video=8), self.timeout, os.fspath(path))
-        except AudioDecodeError:
-            raise
-        except VideoDecodeError as exc:  # the timeout helper's error type
-            raise AudioDecodeError(str(exc).replace("decoding", "audio decoding")) from None
-        return audio.unsqueeze(0).to(self.device)
+    def _add(self, conv: Conversation, img_list: List[Any], media: Sequence[Media], kind: str, msg: str = "") -> None:
+        template = template_of(conv)
+        for m in media:
+            img_list.append(ChatMedia(m))
+        system = template.media_system.get(kind)
+        if system is not None and kind == "audio_video":
+            conv.system = system
+        conv.append_message(conv.roles[0], template.media_message(kind, msg))
 
     def upload_video(
         self,
         video_path: Union[str, "os.PathLike[str]"],
         conv: Conversation,
-        img_list: List[torch.Tensor],
+        img_list: List[Any],
         with_audio: bool = True,
         notices: Optional[List[str]] = None,
     ) -> str:
@@ -268,105 +279,132 @@ class Chat:
         if not with_audio:
             return self.upload_video_without_audio(video_path, conv, img_list)
         name = os.fspath(video_path) if isinstance(video_path, (str, os.PathLike)) else repr(video_path)
-        if not getattr(self.model, "equip_audio_branch", False):
-            reason = "the model has no audio branch (model.equip_audio_branch is false)"
+        if not getattr(self.model, "has_audio", False):
+            reason = "the model has no audio branch"
             self.upload_video_without_audio(video_path, conv, img_list)
             return self._notice(f"{name}: audio ignored, answering from the frames only: {reason}.", notices)
-        video, msg = self._load_video(video_path)  # decode errors propagate: nothing to fall back to
+        video = self._load(video_path, "video")  # decode errors propagate: nothing to fall back to
         try:
-            audio = self._load_audio(video_path)
+            audio = self._load(video_path, "audio")
         except AudioDecodeError as exc:
             from videollm.processors.audio import NoAudioStreamError
 
             reason = "the video has no audio track" if isinstance(exc, NoAudioStreamError) else f"the audio cannot be read ({exc})"
-            self._append_video(video, msg, conv, img_list)
+            self._add(conv, img_list, [video], "video", video.meta.get("msg", ""))
             return self._notice(f"{name}: {reason}; answering from the frames only.", notices)
-        with torch.no_grad():
-            audio_emb, _ = self.model.encode_audioQformer(audio, modality_type="audio")
-            video_emb, _ = self.model.encode_videoQformer_visual(video)
-        img_list.append(audio_emb)
-        img_list.append(video_emb)
-        conv.system = ""
-        conv.append_message(conv.roles[0], AUDIO_VIDEO_MESSAGE)
+        self._add(conv, img_list, [audio, video], "audio_video")
         return "Received."
-
-    def _append_video(self, video: torch.Tensor, msg: str, conv: Conversation, img_list: List[torch.Tensor]) -> None:
-        with torch.no_grad():
-            video_emb, _ = self.model.encode_videoQformer_visual(video)
-        img_list.append(video_emb)
-        conv.append_message(conv.roles[0], VIDEO_MESSAGE_PREFIX + msg)
 
     def upload_video_without_audio(
-        self, video_path: Union[str, "os.PathLike[str]"], conv: Conversation, img_list: List[torch.Tensor]
+        self, video_path: Union[str, "os.PathLike[str]"], conv: Conversation, img_list: List[Any]
     ) -> str:
-        """Video frames only; message ``"<Video><ImageHere></Video> " + msg``."""
-        video, msg = self._load_video(video_path)
-        self._append_video(video, msg, conv, img_list)
+        """Video frames only; Video-LLaMA's message ``"<Video><ImageHere></Video> " + msg``."""
+        video = self._load(video_path, "video")
+        self._add(conv, img_list, [video], "video", video.meta.get("msg", ""))
         return "Received."
 
-    def upload_img(self, image: ImageInput, conv: Conversation, img_list: List[torch.Tensor]) -> str:
-        """Image path, PIL image, or tensor (3, H, W) / (1, 3, H, W) / (1, 3, 1, H, W), normalised."""
+    def upload_img(self, image: ImageInput, conv: Conversation, img_list: List[Any]) -> str:
+        """Image path, PIL image, or normalised tensor (3, H, W) / (1, 3, H, W) / (1, 3, 1, H, W)."""
         from PIL import Image
 
         from videollm.errors import ImageDecodeError
-        from videollm.processors.image_processors import load_image
 
         if isinstance(image, (str, os.PathLike, Image.Image)):
-            pixels = self.image_vis_processor(load_image(image))  # ImageDecodeError names the file
-            pixels = pixels.unsqueeze(0).unsqueeze(2)
+            medium = self._load(image, "image")  # ImageDecodeError names the file
         elif isinstance(image, torch.Tensor):
             pixels = image
-            if pixels.dim() == 3:
-                pixels = pixels.unsqueeze(0)
-            if pixels.dim() == 4:
-                pixels = pixels.unsqueeze(2)
-            if pixels.dim() != 5:
+            while pixels.dim() > 3 and pixels.shape[0] == 1:
+                pixels = pixels[0]
+            if pixels.dim() == 4 and pixels.shape[1] == 1:  # (3, 1, H, W): a one-frame video
+                pixels = pixels[:, 0]
+            if pixels.dim() != 3:
                 raise ImageDecodeError(f"image tensor of shape {tuple(image.shape)}: expected (3, H, W) or (1, 3, H, W)")
+            medium = Media("image", pixels)
         else:
             raise ImageDecodeError(f"expected an image path, a PIL image or a tensor, got {type(image).__name__}")
-        with torch.no_grad():
-            image_emb, _ = self.model.encode_videoQformer_visual(pixels.to(self.device))
-        img_list.append(image_emb)
-        conv.append_message(conv.roles[0], IMAGE_MESSAGE)
+        self._add(conv, img_list, [medium], "image")
         return "Received."
 
     # ------------------------------------------------------------------ conversation
     def ask(self, text: str, conv: Conversation) -> None:
+        template = template_of(conv)
         last = conv.messages[-1] if conv.messages else None
-        if last is not None and last[0] == conv.roles[0] and last[1] and ("</Video>" in last[1] or "</Image>" in last[1]):
-            last[1] = " ".join([last[1], text])
+        if (last is not None and last[0] == conv.roles[0] and last[1]
+                and any(marker in last[1] for marker in template.media_markers)):
+            last[1] = template.question_join.join([last[1], text])
+        elif template.media_in_latest_turn and any(m[1] and template.placeholder in m[1] for m in conv.messages):
+            # the media move to the newest question (models that condition them on it)
+            media_msg = ""
+            for m in conv.messages:
+                if m[0] == conv.roles[0] and m[1] and template.placeholder in m[1]:
+                    for kind_msg in template.media_messages.values():
+                        if kind_msg and kind_msg.replace("{msg}", "") in m[1]:
+                            media_msg = kind_msg.replace("{msg}", "")
+                            m[1] = m[1].replace(media_msg, "", 1)
+                            break
+            conv.append_message(conv.roles[0], media_msg + text)
         else:
             conv.append_message(conv.roles[0], text)
 
     @staticmethod
-    def reset(conv: Conversation, img_list: List[torch.Tensor]) -> None:
-        """Forget the messages and the visual inputs (a new chat starts with a new upload)."""
+    def reset(conv: Conversation, img_list: List[Any]) -> None:
+        """Forget the messages and the media (a new chat starts with a new upload)."""
         conv.messages = []
         img_list.clear()
 
-    def get_context_emb(self, conv: Conversation, img_list: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Prompt -> embeddings (1, L, H_llm): text pieces (BOS on the first only) and visual tokens."""
+    @staticmethod
+    def _question(conv: Conversation, template: ChatTemplate) -> str:
+        """The latest user text without placeholders and media markup (for text-conditioned encoders)."""
+        for role, message in reversed(conv.messages):
+            if role == conv.roles[0] and message:
+                text = message
+                for kind_msg in template.media_messages.values():
+                    text = text.replace(kind_msg.replace("{msg}", ""), "")
+                return text.replace(template.placeholder, "").replace("\n", " ").strip()
+        return ""
+
+    def media_embeddings(self, conv: Conversation, img_list: Sequence[Any]) -> List[torch.Tensor]:
+        """Each medium's (n_i, H_llm) embedding, encoded now (cached unless text-conditioned)."""
+        template = template_of(conv)
+        conditioned = bool(getattr(self.model, "text_conditioned", False))
+        question = self._question(conv, template) if conditioned else None
+        out: List[torch.Tensor] = []
+        for entry in img_list:
+            if isinstance(entry, torch.Tensor):  # an embedding given directly: (1, n, H) or (n, H)
+                out.append(entry.reshape(-1, entry.shape[-1]))
+                continue
+            if entry.embeds is None or conditioned:
+                with torch.no_grad():
+                    emb = self.model.encode_media([entry.media], text=question)[0]
+                if not conditioned:
+                    entry.embeds = emb.unsqueeze(0)
+                out.append(emb)
+            else:
+                out.append(entry.embeds[0])
+        return out
+
+    def get_context_emb(self, conv: Conversation, img_list: Sequence[Any]) -> torch.Tensor:
+        """Prompt -> embeddings (1, L, H_llm): text pieces (BOS on the first only) and media tokens."""
+        segments = self._segments(conv, img_list)
+        merged = merge_segments([segments], self.model.embed_tokens, dtype=self.model.llm_dtype,
+                                device=self.device, padding_side="left")
+        return merged.inputs_embeds
+
+    def _segments(self, conv: Conversation, img_list: Sequence[Any]):
         prompt = conv.get_prompt()
-        segs = prompt.split(IMAGE_PLACEHOLDER)
-        if len(segs) != len(img_list) + 1:
+        placeholder = self.model.media_placeholder
+        n = prompt.count(placeholder)
+        if n != len(img_list):
             raise PromptError(
-                f"the prompt has {len(segs) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(img_list)} visual "
+                f"the prompt has {n} {placeholder} placeholders but {len(img_list)} visual "
                 "inputs were uploaded; upload once per conversation"
             )
-        tok = self.model.llama_tokenizer
-        embs: List[torch.Tensor] = []
-        dtype = self.model.llama_model.get_input_embeddings().weight.dtype
-        for i, seg in enumerate(segs):
-            ids = tok(seg, return_tensors="pt", add_special_tokens=i == 0)["input_ids"].to(self.device)
-            embs.append(self.model.embed_tokens(ids))
-            if i < len(img_list):
-                embs.append(img_list[i].to(self.device, dtype))
-        return torch.cat(embs, dim=1)
+        return segments_from_prompt(self.tokenizer, prompt, placeholder, self.media_embeddings(conv, img_list))
 
     def prepare(
         self,
         conv: Conversation,
-        img_list: Sequence[torch.Tensor],
+        img_list: Sequence[Any],
         max_new_tokens: int = 300,
         max_length: int = 2000,
         notices: Optional[List[str]] = None,
@@ -379,7 +417,11 @@ class Chat:
         if max_new_tokens >= max_length:
             raise ConfigError(f"max_new_tokens={max_new_tokens} must be smaller than max_length={max_length}")
         conv.append_message(conv.roles[1], None)
-        embs = self.get_context_emb(conv, img_list)
+        try:
+            embs = self.get_context_emb(conv, img_list)
+        except Exception:
+            conv.messages.pop()
+            raise
         excess = embs.shape[1] + max_new_tokens - max_length
         if excess > 0:
             self._notice(
@@ -390,76 +432,53 @@ class Chat:
             embs = embs[:, excess:]
         return embs
 
-    def _generation_kwargs(
-        self, conv: Conversation, max_new_tokens: int, num_beams: int, min_length: int, top_p: float,
-        repetition_penalty: float, length_penalty: float, temperature: float, do_sample: bool,
-        cancel: Optional[threading.Event] = None,
-    ) -> Dict[str, Any]:
+    def generation_kwargs(self, conv: Conversation, gen: GenerationSettings,
+                          cancel: Optional[threading.Event] = None) -> Dict[str, Any]:
+        """``generate`` keyword arguments for ``gen`` with the template's stop rule."""
         from transformers import StoppingCriteriaList
 
-        stops = [stop_text_for(conv)]
-        if conv.sep_style == SeparatorStyle.LLAMA_2:
-            stops.append(self.model.llama_tokenizer.eos_token)
+        template = template_of(conv)
+        tok = self.tokenizer
+        stops = [template.stop]
+        if template.stop_on_eos and tok.eos_token:
+            stops.append(tok.eos_token)
         kwargs: Dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "num_beams": num_beams,
-            "do_sample": do_sample,
-            "min_length": min_length,
-            "repetition_penalty": repetition_penalty,
-            "stopping_criteria": StoppingCriteriaList([StopOnText(self.model.llama_tokenizer, stops, cancel=cancel)]),
-            "eos_token_id": self.model.llama_tokenizer.eos_token_id,
+            "max_new_tokens": gen.max_new_tokens,
+            "num_beams": gen.num_beams,
+            "do_sample": gen.do_sample,
+            "min_length": gen.min_length,
+            "repetition_penalty": gen.repetition_penalty,
+            "stopping_criteria": StoppingCriteriaList([StopOnText(tok, stops, cancel=cancel)]),
+            "eos_token_id": tok.eos_token_id,
         }
-        if do_sample:  # passing these to greedy search only makes transformers warn
-            kwargs.update(top_p=top_p, temperature=temperature)
+        if gen.do_sample:  # passing these to greedy search only makes transformers warn
+            kwargs.update(top_p=gen.top_p, temperature=gen.temperature)
         else:
             kwargs.update(top_p=None, temperature=None, top_k=None)
-        if num_beams > 1:
-            kwargs["length_penalty"] = length_penalty
+        if gen.num_beams > 1:
+            kwargs["length_penalty"] = gen.length_penalty
         return kwargs
 
     def _finish(self, ids: Sequence[int], conv: Conversation) -> Tuple[str, np.ndarray]:
-        ids = postprocess_ids(ids)
-        text = postprocess_text(self.model.llama_tokenizer.decode(ids), conv)
+        ids = [int(i) for i in ids]
+        text = postprocess_text(self.tokenizer.decode(ids), conv)
         conv.messages[-1][1] = text
         return text, np.asarray(ids, dtype=np.int64)
 
-    def answer(
-        self,
-        conv: Conversation,
-        img_list: Sequence[torch.Tensor],
-        max_new_tokens: int = 300,
-        num_beams: int = 1,
-        min_length: int = 1,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
-        length_penalty: float = 1,
-        temperature: float = 1.0,
-        max_length: int = 2000,
-        do_sample: bool = True,
-        notices: Optional[List[str]] = None,
-    ) -> Tuple[str, np.ndarray]:
-        """Generate the assistant's reply; returns (text, token ids) and stores the text in ``conv``."""
-        embs = self.prepare(conv, img_list, max_new_tokens, max_length, notices)
-        kwargs = self._generation_kwargs(conv, max_new_tokens, num_beams, min_length, top_p, repetition_penalty,
-                                         length_penalty, temperature, do_sample)
-        out = self.model.generate(inputs_embeds=embs, **kwargs)
+    def _settings(self, gen: Optional[GenerationSettings], overrides: Dict[str, Any]) -> GenerationSettings:
+        return (gen or self.generation).replace(**overrides)
+
+    def answer(self, conv: Conversation, img_list: Sequence[Any], gen: Optional[GenerationSettings] = None,
+               notices: Optional[List[str]] = None, **overrides: Any) -> Tuple[str, np.ndarray]:
+        """Generate the assistant's reply; returns (text, token ids) and stores the text in ``conv``.
+        ``overrides``: fields of :class:`GenerationSettings` (``max_new_tokens=...``, ``do_sample=...``)."""
+        settings = self._settings(gen, overrides)
+        embs = self.prepare(conv, img_list, settings.max_new_tokens, settings.max_length, notices)
+        out = self.model.generate(inputs_embeds=embs, **self.generation_kwargs(conv, settings))
         return self._finish(out[0].tolist(), conv)
 
-    def stream_answer(
-        self,
-        conv: Conversation,
-        img_list: Sequence[torch.Tensor],
-        max_new_tokens: int = 300,
-        num_beams: int = 1,
-        min_length: int = 1,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
-        length_penalty: float = 1,
-        temperature: float = 1.0,
-        max_length: int = 2000,
-        do_sample: bool = True,
-        notices: Optional[List[str]] = None,
-    ) -> Iterator[str]:
+    def stream_answer(self, conv: Conversation, img_list: Sequence[Any], gen: Optional[GenerationSettings] = None,
+                      notices: Optional[List[str]] = None, **overrides: Any) -> Iterator[str]:
         """Like :meth:`answer`, but yields the reply in text increments as tokens arrive.
 
         The increments concatenate to the text :meth:`answer` would return for the same tokens
@@ -468,16 +487,15 @@ class Chat:
         closing the generator early cancels it. Beam search cannot stream: with ``num_beams > 1``
         the whole answer comes as one increment. The final text is stored in ``conv``.
         """
-        if num_beams > 1:
-            text, _ = self.answer(conv, img_list, max_new_tokens, num_beams, min_length, top_p, repetition_penalty,
-                                  length_penalty, temperature, max_length, do_sample, notices)
+        settings = self._settings(gen, overrides)
+        if settings.num_beams > 1:
+            text, _ = self.answer(conv, img_list, settings, notices)
             if text:
                 yield text
             return
-        embs = self.prepare(conv, img_list, max_new_tokens, max_length, notices)
+        embs = self.prepare(conv, img_list, settings.max_new_tokens, settings.max_length, notices)
         cancel = threading.Event()
-        kwargs = self._generation_kwargs(conv, max_new_tokens, num_beams, min_length, top_p, repetition_penalty,
-                                         length_penalty, temperature, do_sample, cancel=cancel)
+        kwargs = self.generation_kwargs(conv, settings, cancel=cancel)
         streamer = _IdQueueStreamer()
         failure: Dict[str, BaseException] = {}
 
@@ -495,7 +513,7 @@ class Chat:
         diverged = False
         stop = stop_text_for(conv)
         marker = conv.roles[1] + ":"
-        tok = self.model.llama_tokenizer
+        tok = self.tokenizer
         try:
             while True:
                 chunk = streamer.queue.get()
@@ -504,7 +522,7 @@ class Chat:
                 ids.extend(chunk)
                 if diverged:
                     continue
-                visible = _settled_text(tok.decode(postprocess_ids(ids)), stop, marker)
+                visible = _settled_text(tok.decode(ids), stop, marker)
                 if visible.startswith(emitted):
                     if len(visible) > len(emitted):
                         yield visible[len(emitted):]
@@ -523,22 +541,10 @@ class Chat:
         finally:
             cancel.set()
 
-    def answer_batch(
-        self,
-        convs: Sequence[Conversation],
-        img_lists: Sequence[Sequence[torch.Tensor]],
-        max_new_tokens: int = 300,
-        num_beams: int = 1,
-        min_length: int = 1,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.0,
-        length_penalty: float = 1,
-        temperature: float = 1.0,
-        max_length: int = 2000,
-        do_sample: bool = False,
-        notices: Optional[List[str]] = None,
-    ) -> List[Tuple[str, np.ndarray]]:
-        """Answer several conversations in one ``generate`` call (greedy by default).
+    def answer_batch(self, convs: Sequence[Conversation], img_lists: Sequence[Sequence[Any]],
+                     gen: Optional[GenerationSettings] = None, notices: Optional[List[str]] = None,
+                     **overrides: Any) -> List[Tuple[str, np.ndarray]]:
+        """Answer several conversations in one ``generate`` call.
 
         Prompts are LEFT-padded (zero embeddings, attention mask 0), so every row's last prompt
         position is the last column; position ids follow the mask. All conversations must use
@@ -546,19 +552,28 @@ class Chat:
         """
         if not convs:
             return []
-        if len({(c.sep_style, c.sep, c.sep2) for c in convs}) > 1:
+        if len({template_of(c).name for c in convs}) > 1:
             raise ConfigError("answer_batch: all conversations must use the same template")
-        embs = [self.prepare(c, imgs, max_new_tokens, max_length, notices)[0] for c, imgs in zip(convs, img_lists)]
-        longest = max(e.shape[0] for e in embs)
-        hidden = embs[0].shape[-1]
-        batch = embs[0].new_zeros(len(embs), longest, hidden)
-        mask = torch.zeros(len(embs), longest, dtype=torch.long, device=batch.device)
-        for i, e in enumerate(embs):
-            batch[i, longest - e.shape[0]:] = e
-            mask[i, longest - e.shape[0]:] = 1
-        kwargs = self._generation_kwargs(convs[0], max_new_tokens, num_beams, min_length, top_p, repetition_penalty,
-                                         length_penalty, temperature, do_sample)
-        out = self.model.generate(inputs_embeds=batch, attention_mask=mask, **kwargs)
+        settings = self._settings(gen, overrides)
+        if settings.max_new_tokens >= settings.max_length:
+            raise ConfigError(f"max_new_tokens={settings.max_new_tokens} must be smaller than "
+                              f"max_length={settings.max_length}")
+        rows = []
+        for conv, imgs in zip(convs, img_lists):
+            conv.append_message(conv.roles[1], None)
+            try:
+                rows.append(self._segments(conv, imgs))
+            except Exception:
+                conv.messages.pop()
+                raise
+        merged = merge_segments(rows, self.model.embed_tokens, dtype=self.model.llm_dtype, device=self.device,
+                                padding_side="left")
+        embs, mask = merged.inputs_embeds, merged.attention_mask
+        excess = embs.shape[1] + settings.max_new_tokens - settings.max_length
+        if excess > 0:
+            self._notice(f"{CONTEXT_WARNING} (the longest prompt is cut by {excess} positions)", notices)
+            embs, mask = embs[:, excess:], mask[:, excess:]
+        out = self.model.generate(inputs_embeds=embs, attention_mask=mask, **self.generation_kwargs(convs[0], settings))
         return [self._finish(row.tolist(), conv) for row, conv in zip(out, convs)]
 
 
@@ -616,8 +631,8 @@ def add_model_args(parser) -> None:
     from videollm.config import add_common_args
 
     add_common_args(parser)
-    parser.add_argument("--model_type", "--model-type", dest="model_type", choices=MODEL_TYPES, default=None,
-                        help="chat template; default: llama_v2 if model.model_type names llama-2, else vicuna")
+    parser.add_argument("--model_type", "--model-type", dest="model_type", default=None,
+                        help="chat template (e.g. vicuna, llama_v2); default: the model's own")
     parser.add_argument("--gpu-id", type=int, default=None, help="CUDA device index (default: 0 if CUDA is available, else CPU)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
     parser.add_argument("--ckpt", default=None,
@@ -626,7 +641,7 @@ def add_model_args(parser) -> None:
     mem.add_argument("--low-resource", action="store_true", help="load the LLM in 8 bits (model.low_resource, bitsandbytes)")
     mem.add_argument("--load-in-4bit", action="store_true", help="load the LLM in 4 bits (model.load_in_4bit, bitsandbytes)")
     mem.add_argument("--device-map", default=None, help="model.device_map for the LLM, e.g. 'auto' to spread it over GPUs")
-    mem.add_argument("--vit-on-cpu", action="store_true", help="keep the EVA ViT on the CPU in fp32 (model.vit_on_cpu)")
+    mem.add_argument("--vit-on-cpu", action="store_true", help="keep the vision encoder on the CPU in fp32 (model.vit_on_cpu)")
 
 
 def _device_from_args(args) -> torch.device:
@@ -640,15 +655,20 @@ def _device_from_args(args) -> torch.device:
     return torch.device("cpu")
 
 
-def build_chat_from_args(args) -> Tuple["Chat", str, List[str]]:
-    """Eval config -> model -> :class:`Chat`. Returns (chat, model_type, startup notices).
+def _schema_keys(model_cls) -> set:
+    schema = getattr(model_cls, "config_schema", None)
+    return {f.name for f in dataclasses.fields(schema)} if schema is not None else set()
 
-    Steps: ``load_config(--cfg-path, --options)``; the command-line memory flags set
-    ``model.low_resource`` / ``load_in_4bit`` / ``device_map`` / ``vit_on_cpu`` /
-    ``device_8bit``; a glob in ``model.ckpt`` (or ``--ckpt``) is resolved to the latest match;
-    ``VideoLLAMA.from_config(cfg.model)``; the video processor is the one named by
-    ``datasets.webvid.vis_processor.train`` (as the original demo reads it), or
-    ``alpro_video_eval`` at the model's image size.
+
+def build_chat_from_args(args) -> Tuple["Chat", str, List[str]]:
+    """Eval config -> model -> :class:`Chat`. Returns (chat, template name, startup notices).
+
+    Steps: ``load_config(--cfg-path, --options)``; the command-line memory flags set the model's
+    ``low_resource`` / ``load_in_4bit`` / ``device_map`` / ``vit_on_cpu`` / ``device_8bit`` keys
+    (a flag the model has no key for is an error); a glob in ``model.ckpt`` (or ``--ckpt``) is
+    resolved to the latest match; ``from_config(cfg.model)`` of the registered ``arch``; the video
+    processor is the one named by ``datasets.webvid.vis_processor.train`` when the config has it
+    (as the original demo reads it), else the model's own chat processing.
     """
     from omegaconf import OmegaConf
 
@@ -659,75 +679,71 @@ def build_chat_from_args(args) -> Tuple["Chat", str, List[str]]:
     cfg = load_config(args.cfg_path, args.options)
     model_cfg = cfg.model
     device = _device_from_args(args)
+    model_cls = registry.get_model_class(str(model_cfg.arch))
+    keys = _schema_keys(model_cls)
     if args.ckpt is not None:
         model_cfg.ckpt = args.ckpt
     for flag, key in (("low_resource", "low_resource"), ("load_in_4bit", "load_in_4bit"), ("vit_on_cpu", "vit_on_cpu")):
         if getattr(args, flag, False):
+            if key not in keys:
+                raise ConfigError(f"--{flag.replace('_', '-')}: model arch {model_cfg.arch!r} has no model.{key} option")
             model_cfg[key] = True
     if getattr(args, "device_map", None):
         model_cfg.device_map = args.device_map
-    if device.type == "cuda":
+    if device.type == "cuda" and "device_8bit" in keys:
         model_cfg.device_8bit = device.index or 0
-    if (model_cfg.get("low_resource") or model_cfg.get("load_in_4bit")) and device.type != "cuda":
-        raise ConfigError("--low-resource / --load-in-4bit need a CUDA GPU (bitsandbytes); drop them on the CPU")
     for key in ("ckpt", "ckpt_2"):
+        if key not in keys:
+            continue
         resolved, notice = resolve_checkpoint_pattern(str(model_cfg.get(key) or ""))
         model_cfg[key] = resolved
-        if notice:
+        if notice and not resolved:  # no match: the user must know; a match is only logged
             notices.append(notice)
             logger.warning("%s", notice)
-    if not model_cfg.get("llama_model") and not model_cfg.get("ckpt"):
-        notice = "no LLM weights and no checkpoint: this model has RANDOM weights and answers gibberish (a smoke test)."
+        elif notice:
+            logger.info("%s", notice)
+    weight_keys = list(getattr(model_cls, "weight_keys", {}) or {})
+    if weight_keys and not any(model_cfg.get(k) for k in weight_keys):
+        notice = "no weights were given (" + ", ".join(f"model.{k}" for k in weight_keys) + \
+            "): this model has RANDOM weights and answers gibberish (a smoke test)."
         notices.append(notice)
         logger.warning("%s", notice)
 
-    model_cls = registry.get_model_class(str(model_cfg.arch))
     model = model_cls.from_config(model_cfg)
-    place_model(model, device)
+    model.place(device)
     model.eval()
 
     vis_processor = None
-    n_frms = 8  # the original's chat samples 8 frames
+    n_frms = None
     proc_cfg = OmegaConf.select(cfg, "datasets.webvid.vis_processor.train")
     if proc_cfg is not None:
         vis_processor = registry.get_processor_class(str(proc_cfg.name)).from_config(proc_cfg)
-        n_frms = int(proc_cfg.get("n_frms", n_frms))  # a model trained on fewer frames is asked with as many
+        n_frms = int(proc_cfg.get("n_frms", 8))  # a model trained on fewer frames is asked with as many
     chat = Chat(model, vis_processor, device=device, n_frms=n_frms)
-    model_type = args.model_type or model_type_from_config(str(model_cfg.get("model_type", "")))
-    return chat, model_type, notices
+    template = args.model_type or model.default_template
+    get_template(template)  # an unknown name fails here, naming the registered ones
+    return chat, template, notices
 
 
 def place_model(model, device: torch.device) -> None:
-    """Move the model to ``device``; an LLM already placed by bitsandbytes or a device map stays put,
-    and with ``vit_on_cpu`` the ViT and ``ln_vision`` stay on the CPU in fp32."""
-    cfg = model.cfg
-    llm_placed = bool(cfg.low_resource or cfg.load_in_4bit or cfg.device_map)
-    for name, child in model.named_children():
-        if name == "llama_model" and llm_placed:
-            continue
-        if name in ("visual_encoder", "ln_vision") and cfg.vit_on_cpu:
-            child.to("cpu", torch.float32)
-            continue
-        child.to(device)
-    for name, param in model.named_parameters(recurse=False):  # query tokens
-        param.data = param.data.to(device)
+    """Move the model to ``device`` (the contract's ``place``: an LLM placed at load time stays)."""
+    model.place(device)
 
 
 __all__ = [
     "AUDIO_VIDEO_MESSAGE",
     "CONTEXT_WARNING",
     "Chat",
+    "ChatMedia",
+    "GenerationSettings",
     "add_model_args",
     "build_chat_from_args",
     "place_model",
     "resolve_checkpoint_pattern",
     "IMAGE_MESSAGE",
     "IMAGE_SYSTEM",
-    "MODEL_TYPES",
     "StopOnText",
     "VIDEO_MESSAGE_PREFIX",
-    "model_type_from_config",
     "new_conversation",
-    "postprocess_ids",
     "postprocess_text",
 ]

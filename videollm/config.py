@@ -141,6 +141,7 @@ class RunConfig:
     # evaluation after training
     evaluate: bool = False
     eval_max_new_tokens: int = bounded(16, ge=1)
+    eval_scorer: str = "synthetic_attributes"  # a registered scorer (registry.register_scorer)
     train_splits: List[str] = field(default_factory=lambda: ["train"])
     valid_splits: List[str] = field(default_factory=list)
     test_splits: List[str] = field(default_factory=list)

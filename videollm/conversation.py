@@ -32,8 +32,11 @@ INSTRUCT_MAX_LEN = 512  # the original datasets truncate instruction samples at 
 
 
 class SeparatorStyle(Enum):
-    SINGLE = "single"
-    LLAMA_2 = "llama_2"
+    SINGLE = "single"  # Video-LLaMA vicuna: system###Role: msg###...Role:
+    LLAMA_2 = "llama_2"  # [INST] <<SYS>> ... [/INST] answer </s><s>[INST] ...
+    TWO = "two"  # LLaVA v1 / Vicuna v1.1: system Role: msg sep Role: msg sep2 ... (sep, sep2 alternate)
+    PLAIN = "plain"  # messages only, each followed by sep / sep2 alternately (LLaVA "plain")
+    CHATML = "chatml"  # system sep role msg sep ... (roles carry their "<|im_start|>name\n" prefix)
 
 
 @dataclasses.dataclass
@@ -46,8 +49,26 @@ class Conversation:
     sep_style: SeparatorStyle = SeparatorStyle.SINGLE
     sep: str = "###"
     sep2: Optional[str] = None
+    template: str = ""  # the registered template this conversation follows (videollm.templates)
 
     def get_prompt(self) -> str:
+        if self.sep_style == SeparatorStyle.TWO:
+            seps = [self.sep, self.sep2 or self.sep]
+            ret = self.system + seps[0]
+            for i, (role, message) in enumerate(self.messages):
+                ret += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
+            return ret
+        if self.sep_style == SeparatorStyle.PLAIN:
+            seps = [self.sep, self.sep2 or self.sep]
+            ret = self.system
+            for i, (_, message) in enumerate(self.messages):
+                ret += f"{message}{seps[i % 2]}" if message else ""
+            return ret
+        if self.sep_style == SeparatorStyle.CHATML:
+            ret = self.system + self.sep if self.system else ""
+            for role, message in self.messages:
+                ret += f"{role}{message}{self.sep}" if message else role
+            return ret
         if self.sep_style == SeparatorStyle.SINGLE:
             ret = self.system + self.sep
             for role, message in self.messages:
@@ -76,15 +97,6 @@ class Conversation:
     def copy(self) -> "Conversation":
         return dataclasses.replace(self, messages=[list(m) for m in self.messages])
 
-    def to_chatbot(self) -> List[List[Optional[str]]]:
-        """Pairs [user, assistant] for a chat UI."""
-        pairs: List[List[Optional[str]]] = []
-        for i, (_, msg) in enumerate(self.messages):
-            if i % 2 == 0:
-                pairs.append([msg, None])
-            else:
-                pairs[-1][1] = msg
-        return pairs
 
 
 LLAMA2_CHAT_SYSTEM = (
@@ -95,13 +107,15 @@ LLAMA2_CHAT_SYSTEM = (
 
 # Chat templates (the original's ``default_conversation`` and ``conv_llava_llama_2``).
 CONV_TEMPLATES: Dict[str, Conversation] = {
-    "vicuna": Conversation(system="", roles=("Human", "Assistant"), sep_style=SeparatorStyle.SINGLE, sep="###"),
+    "vicuna": Conversation(system="", roles=("Human", "Assistant"), sep_style=SeparatorStyle.SINGLE, sep="###",
+                           template="vicuna"),
     "llama_v2": Conversation(
         system=LLAMA2_CHAT_SYSTEM,
         roles=("USER", "ASSISTANT"),
         sep_style=SeparatorStyle.LLAMA_2,
         sep="<s>",
         sep2="</s>",
+        template="llama_v2",
     ),
 }
 
@@ -115,8 +129,14 @@ TRAIN_TEMPLATES: Dict[str, Conversation] = {
 
 
 def get_conv_template(name: str, training: bool = False) -> Conversation:
+    """A fresh conversation of template ``name`` (Video-LLaMA's, or any registered in
+    :mod:`videollm.templates`)."""
     table = TRAIN_TEMPLATES if training else CONV_TEMPLATES
     if name not in table:
+        from videollm.templates import TEMPLATES
+
+        if name in TEMPLATES:
+            return TEMPLATES[name].new_conversation(training=training)
         raise ConfigError(f"model_type '{name}': unknown conversation template; choose one of {sorted(table)}")
     return table[name].copy()
 
@@ -148,6 +168,18 @@ def videochat_to_turns(qa: Sequence[Dict[str, str]], num_tokens: int, msg: str =
         if i == 0:
             q = "<Video>" + IMAGE_PATCH_TOKEN * num_tokens + "</Video> " + msg + q
         turns.append({"from": "human", "value": q})
+        turns.append({"from": "gpt", "value": pair["a"]})
+    return turns
+
+
+def videochat_turns(qa: Sequence[Dict[str, str]]) -> List[Dict[str, str]]:
+    """VideoChat ``QA`` pairs -> human/gpt turns, the first question prefixed with the ``<video>``
+    marker (the model's processor expands it; Video-LLaMA's gives :func:`videochat_to_turns`)."""
+    if not qa:
+        raise PromptError("a VideoChat sample needs at least one QA pair")
+    turns: List[Dict[str, str]] = []
+    for i, pair in enumerate(qa):
+        turns.append({"from": "human", "value": ("<video>" if i == 0 else "") + pair["q"]})
         turns.append({"from": "gpt", "value": pair["a"]})
     return turns
 

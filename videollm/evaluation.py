@@ -6,9 +6,11 @@ generated text (shape, colour, motion direction) is compared with the one in the
 caption. ``exact_match`` compares the whole normalised captions (lower case, punctuation
 dropped, spaces collapsed).
 
-Generation follows the training caption path: ``[BOS] + visual tokens`` (wrapped in the model's
-first prompt when it has a prompt list), greedy decoding, the text cut at the model's
-``end_sym``.
+Generation uses only the model contract: ``model.generation_inputs(batch)`` (for Video-LLaMA the
+training caption path: ``[BOS] + visual tokens``, wrapped in the model's first prompt when it has
+a prompt list), greedy ``model.generate``, ``model.decode_caption`` (cut at the model's end
+symbol). Scorers are registered (``registry.register_scorer``); the task's ``evaluate`` picks one
+by name (``run.eval_scorer``, default ``synthetic_attributes``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from videollm.registry import registry
 from videollm.synthetic import COLORS, DIRECTIONS, SHAPES
 
 logger = logging.getLogger(__name__)
@@ -72,42 +75,36 @@ def score_captions(
     return metrics
 
 
-def caption_prefix(model: Any, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LLM input embeddings ``(B, L, H_llm)`` and mask of the caption path's prefix for ``video``
-    ``(B, 3, T, H, W)`` (images ``(B, 3, H, W)`` are one-frame videos)."""
-    if video.dim() == 4:
-        video = video.unsqueeze(2)
-    embeds, atts = model.encode_videoQformer_visual(video)
-    if getattr(model, "prompt_list", None):
-        embeds, atts = model.prompt_wrap(embeds, atts, model.prompt_list[0])
-    tok = model.llama_tokenizer
-    bos = torch.full((embeds.shape[0], 1), tok.bos_token_id, dtype=torch.long, device=embeds.device)
-    bos_embeds = model.embed_tokens(bos)
-    inputs = torch.cat([bos_embeds, embeds.to(bos_embeds.dtype)], dim=1)
-    mask = torch.cat([atts[:, :1], atts], dim=1)
-    return inputs, mask
-
-
 @torch.no_grad()
-def generate_captions(model: Any, video: torch.Tensor, max_new_tokens: int = 16) -> List[str]:
-    """Greedy captions of a batch of clips ``(B, 3, T, H, W)``, cut at the model's ``end_sym``."""
-    inputs, mask = caption_prefix(model, video)
+def generate_captions(model: Any, batch: Mapping[str, Any], max_new_tokens: int = 16) -> List[str]:
+    """Greedy captions of a caption-style batch (``batch["image"]`` (B, 3, T, H, W) for Video-LLaMA)."""
+    inputs, mask = model.generation_inputs(batch)
     ids = model.generate(inputs, mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-    end_sym = getattr(model, "end_sym", "\n") or "\n"
-    texts = []
-    for row in ids:
-        text = model.llama_tokenizer.decode(row, skip_special_tokens=True)
-        texts.append(text.split(end_sym)[0].strip())
-    return texts
+    return [model.decode_caption(row.tolist()) for row in ids]
+
+
+@registry.register_scorer("synthetic_attributes")
+def score_synthetic_attributes(predictions: Sequence[str], references: Sequence[str]) -> Dict[str, float]:
+    """Colour / shape / direction accuracy and exact match of the synthetic clips' captions."""
+    return score_captions(predictions, references, ATTRIBUTES)
+
+
+@registry.register_scorer("exact_match")
+def score_exact_match(predictions: Sequence[str], references: Sequence[str]) -> Dict[str, float]:
+    n = len(references)
+    hits = sum(normalize_caption(p) == normalize_caption(r) for p, r in zip(predictions, references))
+    return {"exact_match": hits / n if n else float("nan"), "num_samples": n}
 
 
 @torch.no_grad()
 def evaluate_caption_dataset(
     model: Any, dataset: Any, batch_size: int = 8, max_new_tokens: int = 16,
-    device: torch.device | str = "cpu", vocab: Mapping[str, Sequence[str]] = ATTRIBUTES,
+    device: torch.device | str = "cpu", vocab: Optional[Mapping[str, Sequence[str]]] = None,
+    scorer: str = "synthetic_attributes",
 ) -> Dict[str, Any]:
     """Caption every sample of a caption dataset (``{"image", "text_input"}`` samples, bad ones
-    skipped and counted) and score the captions; returns ``{"metrics", "samples", "bad_samples"}``."""
+    skipped and counted) and score the captions with the registered ``scorer`` (or with
+    ``vocab`` attribute accuracy when given); returns ``{"metrics", "samples", "bad_samples"}``."""
     was_training = model.training
     model.eval()
     collate = getattr(dataset, "collater", None)
@@ -124,10 +121,11 @@ def evaluate_caption_dataset(
         bad.extend(batch.get("bad_samples", []))
         if batch.get("num_samples", 1) == 0 or "image" not in batch:
             continue
-        preds.extend(generate_captions(model, batch["image"].to(device), max_new_tokens))
+        batch["image"] = batch["image"].to(device)
+        preds.extend(generate_captions(model, batch, max_new_tokens))
         refs.extend(list(batch["text_input"]))
     model.train(was_training)
-    metrics = score_captions(preds, refs, vocab)
+    metrics = dict(score_captions(preds, refs, vocab) if vocab is not None else registry.get_scorer(scorer)(preds, refs))
     metrics["bad_samples"] = len(bad)
     samples = [{"prediction": p, "reference": r} for p, r in zip(preds, refs)]
     return {"metrics": metrics, "samples": samples, "bad_samples": [list(b) for b in bad]}

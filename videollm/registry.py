@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict
 
 from videollm.errors import RegistryError, closest
 
-KINDS = ("model", "processor", "builder", "task", "runner", "lr_scheduler")
+KINDS = ("model", "processor", "builder", "task", "runner", "lr_scheduler", "scorer")
 
 # Modules whose import registers parts; extended as the package grows.
 _PART_MODULES = (
@@ -22,6 +22,7 @@ _PART_MODULES = (
     "videollm.datasets",
     "videollm.tasks",
     "videollm.runners",
+    "videollm.evaluation",
 )
 
 
@@ -81,6 +82,15 @@ class Registry:
         return cls._register("lr_scheduler", name)
 
     # Look-ups ------------------------------------------------------------------------
+    @classmethod
+    def register_scorer(cls, name: str):
+        """A scorer: ``fn(predictions, references) -> {metric: value}`` (evaluation by tasks)."""
+        return cls._register("scorer", name)
+
+    @classmethod
+    def get_scorer(cls, name: str):
+        return cls._get("scorer", name)
+
     @classmethod
     def get_model_class(cls, name: str):
         return cls._get("model", name)

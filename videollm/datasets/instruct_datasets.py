@@ -12,15 +12,20 @@
   is prefixed with ``<Video>`` + N x ``<ImageHere>`` + ``</Video> `` + msg, and msg is dropped when
   ``'cn' in data_type``.
 
-Both tokenize with :func:`videollm.conversation.tokenize_instruct` (``model_type`` vicuna or
-llama_v2; labels exactly as the original unless ``fix_label_mask``) using the dataset tokenizer
-of ``tokenizer_name`` (pad = unk, ``<ImageHere>`` added; ``"tiny"`` = the built-in one). A sample
-whose token ids do not hold exactly ``num_video_query_token`` consecutive ``<ImageHere>`` ids
-(e.g. an annotation without ``<image>``, or one cut at 512 tokens) is a ``bad_annotation``.
+The datasets do not tokenise: they emit the media and the conversation, the medium marked by
+``<image>`` (LLaVA) or ``<video>`` (VideoChat: before the first question, with the frame-time
+sentence in ``media_msg``), and the model's own processor (``model.prepare_batch``, applied by
+the runner to every batch) turns them into ids and labels with the model's prompt rules; for
+Video-LLaMA that is :class:`videollm.models.video_llama.VideoLLaMAProcessor`, which reproduces
+the original's tokenisation exactly (a sample without exactly N consecutive ``<ImageHere>`` ids
+is a ``bad_annotation`` there). The model facts the original's YAML repeats
+(``num_video_query_token``, ``tokenizer_name``, ``model_type``) stay accepted and are checked
+against the model by the runner (``model_facts``); ``fix_label_mask`` asks the processor for the
+corrected mask.
 
-Samples: ``{"image": (3, H, W) | (3, T, H, W), "input_ids": (L,), "labels": (L,)}``;
-batches from ``collater``: ``input_ids``, ``labels``, ``attention_mask``, ``images``,
-``conv_type="multi"``, ``bad_samples``, ``num_samples``.
+Samples: ``{"image": (3, H, W) | (3, T, H, W), "conversations": [{"from", "value"}], "media_msg",
+"path"}``; batches from ``collater``: ``images``, ``conversations``, ``media_msgs``,
+``fix_label_mask``, ``paths``, ``conv_type="multi"``, ``bad_samples``, ``num_samples``.
 """
 
 from __future__ import annotations
@@ -35,13 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from videollm.conversation import (
-    IMAGE_PATCH_TOKEN,
-    collate_instruct,
-    expand_image_placeholders,
-    tokenize_instruct,
-    videochat_to_turns,
-)
+from videollm.conversation import videochat_turns
 from videollm.datasets.bad_samples import (
     DEFAULT_MAX_PIXELS,
     BadInput,
@@ -56,9 +55,8 @@ from videollm.datasets.bad_samples import (
     split_bad,
 )
 from videollm.datasets.base import BaseDatasetBuilder, BuildInfo, DatasetConfig
-from videollm.errors import ConfigError, DataError
+from videollm.errors import ConfigError, DataError, PromptError
 from videollm.registry import registry
-from videollm.tokenizer import load_dataset_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,36 +77,40 @@ def read_json_list(path: str, what: str) -> List[Any]:
 
 
 class InstructTokenizing:
-    """Tokenisation and collation shared by the instruction datasets."""
+    """What the instruction datasets share: the model facts their YAML declares (checked against
+    the model by the runner) and the collation of conversation samples (tokenised by the model)."""
 
     def __init__(self, tokenizer_name: str, num_video_query_token: int, model_type: str,
                  fix_label_mask: bool) -> None:
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type '{model_type}': unknown; choose one of {MODEL_TYPES}")
-        self.tokenizer = load_dataset_tokenizer(tokenizer_name)
-        self.image_patch_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
         self.num_video_query_token = num_video_query_token
         self.model_type = model_type
         self.fix_label_mask = fix_label_mask
+        self.model_facts = {"num_video_query_token": num_video_query_token, "model_type": model_type,
+                            "tokenizer_name": tokenizer_name}
 
-    def tokenize(self, turns: List[Dict[str, str]]) -> Dict[str, torch.Tensor]:
-        input_ids, labels = tokenize_instruct(turns, self.tokenizer, self.model_type, self.fix_label_mask)
-        pos = (input_ids == self.image_patch_id).nonzero().flatten()
-        n = self.num_video_query_token
-        if len(pos) != n or (n > 0 and int(pos[-1] - pos[0]) != n - 1):
-            raise BadInput("bad_annotation",
-                           f"{len(pos)} <ImageHere> ids after tokenisation (need {n} consecutive; "
-                           "missing <image>, several images, or cut at 512 tokens?)")
-        return {"input_ids": input_ids, "labels": labels}
+    @staticmethod
+    def conversation_sample(turns: List[Dict[str, str]], msg: str = "") -> Dict[str, Any]:
+        return {"conversations": turns, "media_msg": msg}
 
     def collater(self, samples: Sequence[Any]) -> Dict[str, Any]:
         good, bad = split_bad(samples)
         if not good:
             return empty_batch(bad)
-        batch = collate_instruct(good, self.tokenizer.pad_token_id)
-        batch["bad_samples"] = bad
-        batch["num_samples"] = len(good)
-        return batch
+        images = [s["image"] for s in good]
+        if not all(x.shape == images[0].shape for x in images):
+            raise PromptError("instruction batch mixes visual inputs of different shapes; batch them apart")
+        return {
+            "images": torch.stack(images),
+            "conversations": [s["conversations"] for s in good],
+            "media_msgs": [s.get("media_msg", "") for s in good],
+            "fix_label_mask": [self.fix_label_mask] * len(good),
+            "paths": [s.get("path", "") for s in good],
+            "conv_type": "multi",
+            "bad_samples": bad,
+            "num_samples": len(good),
+        }
 
 
 class LlavaInstructDataset(InstructTokenizing, Dataset):
@@ -142,8 +144,8 @@ class LlavaInstructDataset(InstructTokenizing, Dataset):
         def load() -> Dict[str, Any]:
             self.image_path(sample)  # re-raise bad_annotation / outside_root
             convs = check_conversations(field_of(sample, "conversations", list))
-            turns = expand_image_placeholders(convs, self.num_video_query_token)
-            out = self.tokenize(turns)
+            out = self.conversation_sample(convs)
+            out["path"] = path
             out["image"] = load_image_sample(path, self.vis_processor, self.max_pixels)
             return out
 
@@ -211,7 +213,8 @@ class VideoInstructDataset(InstructTokenizing, Dataset):
             frames, msg = load_video_sample(path, self._decode, self.n_frms, self.max_pixels)
             if "cn" in self.data_type:
                 msg = ""
-            out = self.tokenize(videochat_to_turns(qa, self.num_video_query_token, msg))
+            out = self.conversation_sample(videochat_turns(qa), msg)
+            out["path"] = path
             out["image"] = self.vis_processor.transform(frames)
             return out
 

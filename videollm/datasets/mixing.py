@@ -80,17 +80,31 @@ class _ResumableSampler(DistributedSampler):
                 yield (epoch, index)
 
 
+class _ProcessedCollate:
+    """A dataset's collater followed by the model's batch processor (picklable for workers)."""
+
+    def __init__(self, collate: Callable, processor: Callable) -> None:
+        self.collate = collate
+        self.processor = processor
+
+    def __call__(self, samples: Any) -> Any:
+        batch = self.collate(samples)
+        return batch if is_empty_batch(batch) else self.processor(batch)
+
+
 class _Stream:
     """One dataset's infinite sequence of batches, with its position (epoch, consumed)."""
 
     def __init__(self, name: str, dataset: Dataset, batch_size: int, num_workers: int, seed: int, shuffle: bool,
-                 drop_last: bool, pin_memory: bool) -> None:
+                 drop_last: bool, pin_memory: bool, batch_processor: Optional[Callable] = None) -> None:
         self.name = name
         self.batch_size = batch_size
         self.epoch = 0
         self.consumed = 0
         self._it: Optional[Iterator[Any]] = None
         collate: Callable = getattr(dataset, "collater", collate_caption)
+        if batch_processor is not None:
+            collate = _ProcessedCollate(collate, batch_processor)
         self.iterable = isinstance(dataset, IterableDataset)
         common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate, drop_last=drop_last,
                       pin_memory=pin_memory, worker_init_fn=seed_worker if num_workers > 0 else None,
@@ -154,11 +168,14 @@ class MixedLoader:
         sample_ratios: ``{name: weight}``; a missing name has weight 1.
         batch_size, num_workers: per DataLoader.
         seed: fixes the dataset choices, the shuffles and the per-sample augmentation seeds.
+        batch_processor: the model's processor (``model.batch_processor()``), applied to every
+            collated batch inside the loader's workers: datasets never know the model.
     """
 
     def __init__(self, datasets: Dict[str, Dataset], sample_ratios: Optional[Dict[str, float]] = None,
                  batch_size: int = 1, num_workers: int = 0, seed: int = 0, *, shuffle: bool = True,
-                 drop_last: bool = True, pin_memory: Optional[bool] = None, max_empty_batches: int = 100) -> None:
+                 drop_last: bool = True, pin_memory: Optional[bool] = None, max_empty_batches: int = 100,
+                 batch_processor: Optional[Callable] = None) -> None:
         if not datasets:
             raise ConfigError("no training dataset: the config's datasets section is empty")
         ratios = dict(sample_ratios or {})
@@ -178,7 +195,8 @@ class MixedLoader:
         self.max_empty_batches = max_empty_batches
         self._rng = random.Random(seed)
         self.streams = {
-            n: _Stream(n, d, batch_size, num_workers, derive_seed(seed, k), shuffle, drop_last, pin_memory)
+            n: _Stream(n, d, batch_size, num_workers, derive_seed(seed, k), shuffle, drop_last, pin_memory,
+                       batch_processor)
             for k, (n, d) in enumerate(datasets.items())
         }
         self.stats: Dict[str, int] = {n: 0 for n in self.names}

@@ -162,6 +162,8 @@ class ShardDataset(IterableDataset):
         self.text_processor = text_processor
         self.format = format
         self.instruct = instruct
+        if instruct is not None:
+            self.model_facts = instruct.model_facts
         self.media = media
         self.seed = seed
         self.shuffle = shuffle
@@ -266,10 +268,9 @@ class ShardDataset(IterableDataset):
             caption = self._caption(meta)
             return {"image": load_image_sample(data, self.vis_processor, self.max_pixels), "text_input": caption,
                     "type": "image"}
-        from videollm.conversation import expand_image_placeholders
 
         convs = check_conversations(meta.get("conversations"))
-        out = self.instruct.tokenize(expand_image_placeholders(convs, self.instruct.num_video_query_token))
+        out = self.instruct.conversation_sample(convs)
         out["image"] = load_image_sample(data, self.vis_processor, self.max_pixels)
         return out
 
@@ -285,7 +286,7 @@ class ShardDataset(IterableDataset):
             return self._video_instruct(tmp.name, meta)
 
     def _video_instruct(self, path: str, meta: Dict[str, Any]) -> Dict[str, Any]:
-        from videollm.conversation import videochat_to_turns
+        from videollm.conversation import videochat_turns
         from videollm.datasets.instruct_datasets import instruct_frames, load_instruct_video
 
         qa = check_qa(meta.get("QA"))
@@ -293,7 +294,7 @@ class ShardDataset(IterableDataset):
         frames, msg = load_video_sample(path, lambda p: load_instruct_video(p, self.vis_processor), n, self.max_pixels)
         if "cn" in self.data_type:
             msg = ""
-        out = self.instruct.tokenize(videochat_to_turns(qa, self.instruct.num_video_query_token, msg))
+        out = self.instruct.conversation_sample(videochat_turns(qa), msg)
         out["image"] = self.vis_processor.transform(frames)
         return out
 

@@ -21,14 +21,19 @@ Vision-language forward (``encode_videoQformer_visual``)::
 
 Training has two paths, as the original: the caption path ([BOS] + [prompt-wrapped visual
 tokens] + caption + end_sym, loss on the caption) and the instruction path (``conv_type ==
-"multi"``: dataset-tokenised conversations whose ``<ImageHere>`` runs are replaced by the visual
-tokens). ``train_flag`` (0 = video branch trains, 1 = audio branch trains on frames through
-ImageBind's vision tower, 3 = inference) follows the two freeze flags of the original.
+"multi"``: conversations that the model's own processor (:class:`VideoLLaMAProcessor`, applied
+to every batch by the runner through ``prepare_batch``) tokenises with the original's rules, and
+whose ``<ImageHere>`` runs are replaced by the visual tokens). Both go through the one merge path
+(:mod:`videollm.models.merge`). ``train_flag`` (0 = video branch trains, 1 = audio branch trains
+on frames through ImageBind's vision tower, 3 = inference) follows the two freeze flags of the
+original; what trains is the model's :meth:`freeze_plan`.
+
+The model implements the contract of :class:`videollm.models.base.VideoLLM`; nothing outside
+this file uses its own attribute names.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -38,11 +43,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from videollm.datasets.bad_samples import BadInput
 from videollm.errors import CheckpointError, ConfigError, PromptError
+from videollm.models.base import Media, FreezePlan, VideoLLM, WeightSource
 from videollm.models.eva_vit import FP32LayerNorm, convert_weights_to_fp16, create_eva_vit_g, load_eva_vit_weights
+from videollm.models.merge import MergedInputs, Segment, merge_segments, segments_from_ids, segments_from_prompt
 from videollm.models.qformer import build_qformer
 from videollm.registry import registry
-from videollm.tokenizer import IMAGE_PATCH_TOKEN, load_model_tokenizer
+from videollm.tokenizer import IMAGE_PATCH_TOKEN, load_dataset_tokenizer, load_model_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Buffers that old checkpoints carry but this model does not have (persistent in the original's
 # LLaMA copy / ImageBind): tolerated when loading.
 TOLERATED_UNEXPECTED = ("rotary_emb.inv_freq", "modality_preprocessors.text.mask", "log_logit_scale")
+CHAT_TEMPLATES = ("vicuna", "llama_v2")
 VIDEO_BRANCH = ("video_Qformer.", "video_query_tokens", "video_frame_position_embedding.", "llama_proj.")
 AUDIO_BRANCH = ("audio_Qformer.", "audio_query_tokens", "audio_position_embedding.", "audio_llama_proj.")
 
@@ -112,6 +121,11 @@ class VideoLLAMAConfig:
     ckpt: str = ""
     ckpt_2: str = ""
     strict_load: bool = True
+    # prompt format: "vicuna" or "llama_v2"; empty = from model_type (names with llama2 -> llama_v2)
+    conv_template: str = ""
+    tokenizer_kind: str = "llama_exact"  # the 4.28-rule LLaMA tokenizer the original was trained with
+    # LoRA on the LLM through PEFT: {r, alpha, dropout, target_modules}; empty = none
+    lora: Dict[str, Any] = field(default_factory=dict)
     # corrected behaviours (off by default: released checkpoints were trained without them)
     fix_label_mask: bool = False
     # the original's default YAML carries a preprocess block (used by builders, not the model)
@@ -128,11 +142,28 @@ def _matches(key: str, prefixes: Sequence[str]) -> bool:
     return any(key.startswith(p) for p in prefixes)
 
 
+def template_for_model_type(model_type: str) -> str:
+    """Chat template of a model preset name: anything naming llama-2 -> llama_v2, else vicuna."""
+    name = (model_type or "").lower().replace("-", "_")
+    return "llama_v2" if ("llama_v2" in name or "llama2" in name) else "vicuna"
+
+
 @registry.register_model("video_llama")
-class VideoLLAMA(nn.Module):
+class VideoLLAMA(VideoLLM):
     """The Video-LLaMA model (vision-language branch, plus the audio branch when equipped)."""
 
+    arch = "video_llama"
     config_schema = VideoLLAMAConfig
+    llm_attr = "llama_model"
+    media_placeholder = IMAGE_PATCH_TOKEN
+    token_count = "fixed"
+    tolerated_unexpected = TOLERATED_UNEXPECTED
+    weight_keys = {
+        "llama_model": "a Hugging Face LLaMA/Vicuna folder",
+        "vit_ckpt": "eva_vit_g.pth",
+        "q_former_model": "blip2_pretrained_flant5xxl.pth",
+        "ckpt": "the Video-LLaMA vision-language checkpoint (.pth)",
+    }
     PRETRAINED_MODEL_CONFIG_DICT = {
         "pretrain_vicuna": "configs/models/video_llama.yaml",
         "pretrain_llama_v2": "configs/models/video_llama.yaml",
@@ -149,10 +180,15 @@ class VideoLLAMA(nn.Module):
         if cfg.vit_model != "eva_clip_g":
             raise ConfigError(f"model.vit_model: '{cfg.vit_model}' is not supported; use eva_clip_g")
 
+        self.default_template = cfg.conv_template or template_for_model_type(cfg.model_type)
+        if self.default_template not in CHAT_TEMPLATES:
+            raise ConfigError(f"model.conv_template: {self.default_template!r} unknown; choose one of {CHAT_TEMPLATES}")
+        if cfg.tokenizer_kind != "llama_exact":
+            raise ConfigError(f"model.tokenizer_kind: {cfg.tokenizer_kind!r}; Video-LLaMA uses 'llama_exact' "
+                              "(the 4.28 slow-tokenizer rules it was trained with)")
         # Tokenizer: pad := unk if none, <ImageHere> and <AudioHere> added; the LLM is NOT resized.
         self.llama_tokenizer = load_model_tokenizer(cfg.tokenizer if cfg.tokenizer is not None else cfg.llama_model)
         self.IMAGE_PATCH_TOKEN_ID = self.llama_tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
-        self.AUDIO_PATCH_TOKEN_ID = self.llama_tokenizer.convert_tokens_to_ids("<AudioHere>")
 
         # Frozen per-frame encoder: EVA ViT, ln_vision, BLIP-2 Q-Former.
         self.visual_encoder = create_eva_vit_g(
@@ -190,12 +226,24 @@ class VideoLLAMA(nn.Module):
         self.end_sym = cfg.end_sym
         self.prompt_list = self._load_prompts(cfg.prompt_path, cfg.prompt_template)
 
+        if cfg.lora:
+            from videollm.models.lora import LoRAConfig, apply_lora
+
+            apply_lora(self, self.llm_attr, LoRAConfig(**cfg.lora))
         self._load_checkpoints(cfg)
         if cfg.vit_precision == "fp16":
             convert_weights_to_fp16(self.visual_encoder)
         elif cfg.vit_precision != "fp32":
             raise ConfigError(f"model.vit_precision: '{cfg.vit_precision}' is not supported; use fp16 or fp32")
         self._apply_freezing(cfg)
+
+    @property
+    def tokenizer(self):
+        return self.llama_tokenizer
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:  # both branches trainable, one used per batch
+        return self.train_flag == 2
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -300,22 +348,28 @@ class VideoLLAMA(nn.Module):
             raise ConfigError(f"model.prompt_path: {prompt_path} has no line containing {IMAGE_PATCH_TOKEN}")
         return prompts
 
-    def _apply_freezing(self, cfg: VideoLLAMAConfig) -> None:
-        """The one place that decides what trains (the original's freeze flags)."""
-        _set_trainable(self.visual_encoder, not cfg.freeze_vit)
-        _set_trainable(self.ln_vision, not cfg.freeze_vit)
-        _set_trainable(self.Qformer, not cfg.freeze_qformer)
-        _set_trainable(self.query_tokens, not cfg.freeze_qformer)
-        _set_trainable(self.llama_model, not cfg.freeze_llm)
-        _set_trainable(self.llama_proj, not cfg.frozen_llama_proj)
-        video = not cfg.frozen_video_Qformer
-        for part in (self.video_Qformer, self.video_frame_position_embedding, self.video_query_tokens):
-            _set_trainable(part, video)
+    def freeze_plan(self) -> FreezePlan:
+        """The one place that decides what trains (the original's freeze flags, as data)."""
+        cfg = self.cfg
+        plan = FreezePlan()
+        plan.add(("visual_encoder.", "ln_vision."), not cfg.freeze_vit, "freeze_vit")
+        plan.add(("Qformer.", "query_tokens"), not cfg.freeze_qformer, "freeze_qformer")
+        plan.add("llama_model.", not cfg.freeze_llm, "freeze_llm")
+        plan.add("llama_proj.", not cfg.frozen_llama_proj, "frozen_llama_proj")
+        plan.add(("video_Qformer.", "video_frame_position_embedding.", "video_query_tokens"),
+                 not cfg.frozen_video_Qformer, "frozen_video_Qformer")
         if self.equip_audio_branch:
-            _set_trainable(self.audio_encoder, False)
-            audio = not cfg.frozen_audio_Qformer
-            for part in (self.audio_Qformer, self.audio_query_tokens, self.audio_llama_proj, self.audio_position_embedding):
-                _set_trainable(part, audio)
+            plan.add("audio_encoder.", False, "ImageBind is always frozen")
+            plan.add(("audio_Qformer.", "audio_query_tokens", "audio_llama_proj.", "audio_position_embedding."),
+                     not cfg.frozen_audio_Qformer, "frozen_audio_Qformer")
+        if cfg.lora:
+            from videollm.models.lora import lora_parameter_prefixes
+
+            plan.add(lora_parameter_prefixes(self, self.llm_attr), True, "LoRA adapters train")
+        return plan
+
+    def _apply_freezing(self, cfg: VideoLLAMAConfig) -> None:
+        self.freeze_plan().apply(self)
         if cfg.llm_grad_checkpointing and hasattr(self.llama_model, "gradient_checkpointing_enable"):
             self.llama_model.gradient_checkpointing_enable()
         self.train(self.training)
@@ -345,74 +399,40 @@ class VideoLLAMA(nn.Module):
                 raise CheckpointError(
                     f"{cfg.vit_ckpt}: missing {len(result.missing_keys)} ViT keys, e.g. {result.missing_keys[:3]}"
                 )
+        sources = []
         if cfg.q_former_model:
-            state = load_model_state(cfg.q_former_model)
-            wanted = ("Qformer.", "query_tokens", "ln_vision.")
-            self.load_branch(state, source=cfg.q_former_model, provides=wanted, ignore_others=True)
+            sources.append(WeightSource(cfg.q_former_model, provides=("Qformer.", "query_tokens", "ln_vision."),
+                                        ignore_others=True))
         if cfg.llama_proj_model:
-            state = load_model_state(cfg.llama_proj_model)
-            self.load_branch(state, source=cfg.llama_proj_model, provides=("llama_proj.",), ignore_others=True)
+            sources.append(WeightSource(cfg.llama_proj_model, provides=("llama_proj.",), ignore_others=True))
         if cfg.ckpt:
-            self.load_branch(load_model_state(cfg.ckpt), source=cfg.ckpt, provides=VIDEO_BRANCH)
+            sources.append(WeightSource(cfg.ckpt, provides=VIDEO_BRANCH))
         if cfg.ckpt_2:
-            self.load_branch(load_model_state(cfg.ckpt_2), source=cfg.ckpt_2, provides=AUDIO_BRANCH)
+            sources.append(WeightSource(cfg.ckpt_2, provides=AUDIO_BRANCH))
+        for src in sources:
+            self.load_weights(load_model_state(src.path), src)
 
-    def load_branch(
-        self,
-        state: Dict[str, torch.Tensor],
-        *,
-        source: str,
-        provides: Sequence[str],
-        ignore_others: bool = False,
-        strict: Optional[bool] = None,
-    ) -> Tuple[List[str], List[str]]:
-        """Load a partial state dict (the original's ``load_state_dict(strict=False)``), checked.
-
-        ``provides``: key prefixes the file must supply (e.g. the video branch for ``ckpt``);
-        any of the model's keys under them that the file lacks is an error when strict.
-        Keys the model does not have are an error too, except buffers old checkpoints carry
-        (rotary ``inv_freq``, ImageBind's text mask and logit scales), or any key when
-        ``ignore_others`` (e.g. the BLIP-2 file's text-side weights). Returns (missing, unexpected).
-        """
-        from videollm.checkpoint import report_load
-
-        strict = self.cfg.strict_load if strict is None else strict
-        own = self.state_dict()
-        if ignore_others:  # e.g. BLIP-2's text-side Q-Former weights, which this model deletes
-            state = {k: v for k, v in state.items() if _matches(k, provides) and k in own}
-        for key, value in state.items():
-            if key in own and tuple(own[key].shape) != tuple(value.shape):
-                raise CheckpointError(
-                    f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
-                    f"{tuple(own[key].shape)}; is the checkpoint for another LLM size or config?"
-                )
-        result = self.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if _matches(k, provides)]
-        unexpected = list(result.unexpected_keys)
-        report_load(
-            missing,
-            unexpected,
-            expected_missing_prefixes=(),
-            expected_unexpected_patterns=TOLERATED_UNEXPECTED,
-            strict=strict,
-            source=source,
-        )
-        return missing, unexpected
+    def load_branch(self, state: Dict[str, torch.Tensor], *, source: str, provides: Sequence[str],
+                    ignore_others: bool = False, strict: Optional[bool] = None) -> Tuple[List[str], List[str]]:
+        """Load a partial state dict (the original's ``load_state_dict(strict=False)``), checked;
+        see :meth:`VideoLLM.load_weights`. Returns (missing, unexpected)."""
+        src = WeightSource(source, provides=tuple(provides), ignore_others=ignore_others, strict=strict)
+        return self.load_weights(state, src, strict=strict)
 
     # ------------------------------------------------------------------ encoders
-    def maybe_autocast(self, device: torch.device):
-        """fp16 autocast on CUDA, as the original (``run.amp_dtype`` may ask for bf16); none on CPU."""
-        if device.type == "cuda":
-            dtype = getattr(self, "autocast_dtype", torch.float16)
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
-
     @property
     def device(self) -> torch.device:
         return self.llama_proj.weight.device
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llama_model.get_input_embeddings()(ids)
+    def llm_is_placed(self) -> bool:
+        return bool(self.cfg.low_resource or self.cfg.load_in_4bit or self.cfg.device_map) or super().llm_is_placed()
+
+    def place(self, device: torch.device) -> None:
+        """As the contract's, and with ``vit_on_cpu`` the ViT and ``ln_vision`` stay on the CPU in fp32."""
+        super().place(device)
+        if self.cfg.vit_on_cpu:
+            self.visual_encoder.to("cpu", torch.float32)
+            self.ln_vision.to("cpu", torch.float32)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Per-frame image Q-Former: (N, 3, H, W) -> (N, Q, H_q)."""
@@ -484,53 +504,138 @@ class VideoLLAMA(nn.Module):
         embeds, atts = self.encode_videoQformer_visual(image)
         return embeds, atts, self.num_video_query_token
 
+    # ------------------------------------------------------------------ the contract: media
+    def num_media_tokens(self, medium: Media) -> int:
+        return self.num_audio_query_token if medium.kind == "audio" else self.num_video_query_token
+
+    def encode_media(self, media: Sequence[Media], text: Optional[str] = None) -> List[torch.Tensor]:
+        """Video (3, T, H, W) / image (3, H, W) / audio (S, 1, mel, frames) -> (Qv or Qa, H_llm) each.
+        The text is not used: Video-LLaMA's visual tokens do not depend on the question."""
+        out: List[torch.Tensor] = []
+        for m in media:
+            data = m.data.to(self.device) if isinstance(m.data, torch.Tensor) else m.data
+            if m.kind == "audio":
+                emb, _ = self.encode_audioQformer(data.unsqueeze(0), modality_type="audio")
+            elif m.kind == "video":
+                emb, _ = self.encode_videoQformer_visual(data.unsqueeze(0))
+            elif m.kind == "image":
+                emb, _ = self.encode_videoQformer_visual(data.unsqueeze(0).unsqueeze(2))
+            else:
+                raise PromptError(f"Video-LLaMA cannot encode media of kind {m.kind!r}")
+            out.append(emb[0])
+        return out
+
+    def load_media(self, source: Any, kind: str, *, timeout: Optional[float] = 30.0, n_frms: int = 8,
+                   vis_processor: Any = None, image_processor: Any = None, **options: Any) -> Media:
+        """The original chat's media processing: 8 frames (``n_frms``), uniform, resized by the
+        decoder to the model's image size then ``alpro_video_eval``; images ``blip2_image_eval``;
+        audio: 8 clips of ImageBind's Kaldi fbank. Errors name the file."""
+        from omegaconf import OmegaConf
+
+        size = int(self.cfg.image_size)
+        if kind == "video":
+            from videollm.processors.video_loader import load_video
+
+            if vis_processor is None:
+                vis_processor = registry.get_processor_class("alpro_video_eval").from_config(
+                    OmegaConf.create({"image_size": size, "n_frms": n_frms}))
+            video, msg = load_video(source, n_frms=n_frms, height=size, width=size, sampling="uniform",
+                                    return_msg=True, timeout=timeout, **options)
+            return Media("video", vis_processor.transform(video), {"path": str(source), "msg": msg})
+        if kind == "image":
+            from videollm.processors.image_processors import load_image
+
+            if image_processor is None:
+                # The original builds Blip2ImageEvalProcessor() with its default 224 whatever the
+                # config says (quirk A4); the model's image size is the same for released models.
+                image_processor = registry.get_processor_class("blip2_image_eval").from_config(
+                    OmegaConf.create({"image_size": size}))
+            return Media("image", image_processor(load_image(source, **options)), {"path": str(source)})
+        if kind == "audio":
+            from videollm.processors.audio import load_and_transform_audio
+            from videollm.processors.video_loader import run_with_timeout
+            from videollm.errors import AudioDecodeError, VideoDecodeError
+
+            try:
+                audio = run_with_timeout(lambda: load_and_transform_audio(source, clips_per_video=8), timeout,
+                                         str(source))
+            except VideoDecodeError as exc:  # the timeout helper's error type
+                if isinstance(exc, AudioDecodeError):
+                    raise
+                raise AudioDecodeError(str(exc).replace("decoding", "audio decoding")) from None
+            return Media("audio", audio, {"path": str(source)})
+        raise PromptError(f"Video-LLaMA has no loader for media of kind {kind!r}")
+
+    @property
+    def has_audio(self) -> bool:
+        return bool(self.equip_audio_branch)
+
+    # ------------------------------------------------------------------ the contract: processor
+    def batch_processor(self) -> "VideoLLaMAProcessor":
+        if getattr(self, "_processor", None) is None:
+            tok = self.cfg.tokenizer if self.cfg.tokenizer is not None else self.cfg.llama_model
+            self._processor = VideoLLaMAProcessor(tok, self.num_video_query_token, self.default_template,
+                                                  self.cfg.fix_label_mask)
+        return self._processor
+
+    def prepare_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        return self.batch_processor()(batch)
+
+    def check_dataset(self, name: str, declared: Dict[str, Any]) -> None:
+        """The original's dataset YAML repeats model facts; they must agree with this model."""
+        n = declared.get("num_video_query_token")
+        if n is not None and int(n) != self.num_video_query_token:
+            raise ConfigError(f"datasets.{name}.num_video_query_token: {n}, but the model has "
+                              f"num_video_query_token {self.num_video_query_token}; they must agree")
+        template = declared.get("model_type")
+        if template is not None and template != self.default_template:
+            raise ConfigError(f"datasets.{name}.model_type: {template!r}, but the model's prompt template is "
+                              f"{self.default_template!r} (model.conv_template / model.model_type); they must agree")
+
     # ------------------------------------------------------------------ training forward
-    def prompt_wrap(self, img_embeds: torch.Tensor, atts_img: torch.Tensor, prompt: str):
-        """[p_before | visual | p_after], p_before/p_after tokenised without BOS."""
+    def _text_segment(self, text: str) -> Segment:
+        ids = self.llama_tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        return Segment(ids=ids.long())
+
+    def _wrap_segments(self, img_embeds: torch.Tensor, prompt: str) -> List[List[Segment]]:
+        """[p_before | visual | p_after] per sample, p_before/p_after tokenised without BOS."""
         if not prompt:
-            return img_embeds, atts_img
-        batch = img_embeds.shape[0]
+            return [[Segment(embeds=e)] for e in img_embeds]
         p_before, p_after = prompt.split(IMAGE_PATCH_TOKEN)
-        device = img_embeds.device
-        before = self.llama_tokenizer(p_before, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        after = self.llama_tokenizer(p_after, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-        wrapped = torch.cat(
-            [self.embed_tokens(before).expand(batch, -1, -1), img_embeds, self.embed_tokens(after).expand(batch, -1, -1)],
-            dim=1,
-        )
-        return wrapped, atts_img[:, :1].expand(-1, wrapped.shape[1])
+        before, after = self._text_segment(p_before), self._text_segment(p_after)
+        return [[before, Segment(embeds=e), after] for e in img_embeds]
+
+    def _merge(self, samples: Sequence[Sequence[Segment]], padding_side: str = "right",
+               pad_token_id: Optional[int] = None) -> MergedInputs:
+        return merge_segments(samples, self.embed_tokens, dtype=self.llm_dtype, device=self.device,
+                              padding_side=padding_side, pad_token_id=pad_token_id)
 
     def caption_inputs(self, samples: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """The caption path's LLM inputs: inputs_embeds, attention_mask, labels."""
+        """The caption path's LLM inputs: [BOS] + wrapped visual tokens + caption + end_sym."""
         image = samples["image"]
-        img_embeds, atts_img, _ = self.encode_visual_for_training(image)
-        if self.prompt_list:
-            # One prompt for the whole batch, drawn with Python's random (the original's rule).
-            img_embeds, atts_img = self.prompt_wrap(img_embeds, atts_img, random.choice(self.prompt_list))
+        img_embeds, _, _ = self.encode_visual_for_training(image)
+        # One prompt for the whole batch, drawn with Python's random (the original's rule).
+        prompt = random.choice(self.prompt_list) if self.prompt_list else ""
+        wrapped = self._wrap_segments(img_embeds, prompt)
         self.llama_tokenizer.padding_side = "right"
         text = [t + self.end_sym for t in samples["text_input"]]
         tokens = self.llama_tokenizer(
             text, return_tensors="pt", padding="longest", truncation=True, max_length=self.max_txt_len, add_special_tokens=False
         )
-        ids, mask = tokens["input_ids"].to(image.device), tokens["attention_mask"].to(image.device)
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
         targets = ids.masked_fill(ids == self.llama_tokenizer.pad_token_id, -100)
-        empty = torch.full((atts_img.shape[0], atts_img.shape[1] + 1), -100, dtype=torch.long, device=image.device)
-        targets = torch.cat([empty, targets], dim=1)
-        bos = torch.full((img_embeds.shape[0], 1), self.llama_tokenizer.bos_token_id, dtype=torch.long, device=image.device)
-        inputs_embeds = torch.cat([self.embed_tokens(bos), img_embeds.to(self._llm_dtype()), self.embed_tokens(ids)], dim=1)
-        attention_mask = torch.cat([atts_img[:, :1], atts_img, mask], dim=1)
-        return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "labels": targets}
+        bos = Segment(ids=torch.tensor([self.llama_tokenizer.bos_token_id]))
+        rows = [[bos, *w, Segment(ids=ids[i], mask=mask[i], labels=targets[i])] for i, w in enumerate(wrapped)]
+        merged = self._merge(rows, pad_token_id=self.llama_tokenizer.pad_token_id)
+        return merged._asdict()
 
     def instruct_inputs(self, samples: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """The instruction path: replace each sample's run of ``<ImageHere>`` ids by its visual tokens."""
+        """The instruction path: each sample's run of ``<ImageHere>`` ids becomes its visual tokens."""
         image = samples["images"]
         input_ids = samples["input_ids"]
         img_embeds, _, num_patch_tokens = self.encode_visual_for_training(image)
-        temp_ids = input_ids.clone()
-        temp_ids[temp_ids == self.IMAGE_PATCH_TOKEN_ID] = 0  # out of the LLM vocabulary: id 0 first
-        embeds = self.embed_tokens(temp_ids)
-        new_embeds = []
-        for i, (cur_ids, cur_embeds) in enumerate(zip(input_ids, embeds)):
+        rows = []
+        for i, cur_ids in enumerate(input_ids):
             positions = torch.where(cur_ids == self.IMAGE_PATCH_TOKEN_ID)[0]
             if len(positions) != num_patch_tokens:
                 raise PromptError(
@@ -540,25 +645,22 @@ class VideoLLAMA(nn.Module):
             start = int(positions[0])
             if not torch.equal(positions, torch.arange(start, start + num_patch_tokens, device=positions.device)):
                 raise PromptError(f"sample {i}: the {IMAGE_PATCH_TOKEN} tokens must be consecutive")
-            new_embeds.append(
-                torch.cat([cur_embeds[:start], img_embeds[i].to(cur_embeds.dtype), cur_embeds[start + num_patch_tokens :]])
-            )
-        return {
-            "inputs_embeds": torch.stack(new_embeds),
-            "attention_mask": samples["attention_mask"],
-            "labels": samples["labels"],
-        }
-
-    def _llm_dtype(self) -> torch.dtype:
-        return self.llama_model.get_input_embeddings().weight.dtype
+            rows.append(segments_from_ids(cur_ids, self.IMAGE_PATCH_TOKEN_ID, [img_embeds[i]],
+                                          attention_mask=samples["attention_mask"][i], labels=samples["labels"][i],
+                                          where=f"sample {i}"))
+        merged = self._merge(rows, pad_token_id=self.llama_tokenizer.pad_token_id)
+        return {"inputs_embeds": merged.inputs_embeds, "attention_mask": samples["attention_mask"],
+                "labels": samples["labels"]}
 
     def forward(self, samples: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        """Training/eval loss. ``samples``: caption batch {image, text_input} or
-        instruction batch {images, input_ids, labels, attention_mask, conv_type="multi"}.
-        Returns {"loss", "num_tokens" (supervised tokens)}."""
+        """Training/eval loss. ``samples``: caption batch {image, text_input} or instruction batch
+        {images, input_ids, labels, attention_mask, conv_type="multi"} (``prepare_batch`` makes the
+        latter from the datasets' conversations). Returns {"loss", "num_tokens", "seq_len"}."""
         if samples.get("conv_type") == "multi":
             if self.train_flag == 2:
                 raise ConfigError("training both branches at once is not supported on instruction data (train_flag 2)")
+            if "input_ids" not in samples:
+                samples = self.prepare_batch(samples)
             inputs = self.instruct_inputs(samples)
         else:
             inputs = self.caption_inputs(samples)
@@ -573,31 +675,106 @@ class VideoLLAMA(nn.Module):
         return {"loss": outputs.loss, "num_tokens": num_tokens, "seq_len": inputs["labels"].shape[1]}
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, inputs_embeds: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        """Generate from prompt embeddings (B, L, H_llm); returns the NEW token ids (B, n)."""
-        if attention_mask is None:
-            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-        kwargs.setdefault("pad_token_id", self.llama_tokenizer.pad_token_id)
-        with self.maybe_autocast(inputs_embeds.device):
-            out = self.llama_model.generate(
-                inputs_embeds=inputs_embeds.to(self._llm_dtype()), attention_mask=attention_mask, **kwargs
-            )
-        return out
+    def generation_inputs(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The caption path's prompt for evaluation: [BOS] + wrapped visual tokens of ``batch["image"]``
+        ((B, 3, T, H, W); images (B, 3, H, W) are one-frame videos) -> (inputs_embeds, mask)."""
+        video = batch["image"].to(self.device)
+        if video.dim() == 4:
+            video = video.unsqueeze(2)
+        embeds, _ = self.encode_videoQformer_visual(video)
+        bos = Segment(ids=torch.tensor([self.llama_tokenizer.bos_token_id]))
+        wrapped = self._wrap_segments(embeds, self.prompt_list[0] if self.prompt_list else "")
+        merged = self._merge([[bos, *w] for w in wrapped], padding_side="left")
+        return merged.inputs_embeds, merged.attention_mask
+
+    def decode_caption(self, ids: Sequence[int]) -> str:
+        """A generated caption, cut at ``end_sym``."""
+        text = self.llama_tokenizer.decode(list(ids), skip_special_tokens=True)
+        return text.split(self.end_sym or "\n")[0].strip()
 
     # ------------------------------------------------------------------ config
     @classmethod
     def from_config(cls, cfg) -> "VideoLLAMA":
         """Build from an OmegaConf node (or dict); unknown keys raise ConfigError."""
-        from omegaconf import OmegaConf
+        return super().from_config(cfg)
 
-        from videollm.config import validate_mapping, with_defaults
 
-        values = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
-        validate_mapping(values, VideoLLAMAConfig, "model")
-        return cls(VideoLLAMAConfig(**with_defaults(values, VideoLLAMAConfig)))
+class VideoLLaMAProcessor:
+    """Video-LLaMA's own processor: dataset conversations -> token ids and labels.
 
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The original's checkpoint ``model`` entry: trainable parameters plus ALL buffers."""
-        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k not in frozen}
+    Datasets emit ``conversations`` (``[{"from": "human"|"gpt", "value"}]``, the medium marked by
+    ``<image>`` (LLaVA data) or ``<video>`` (VideoChat data: the first question)) and ``media_msgs``
+    (the frame-time sentence, "" for ``*_cn`` data). This expands the marker to the original's
+    ``<Image>``/``<Video>`` + N x ``<ImageHere>`` form (with the sentence after ``</Video> ``),
+    tokenises with the original's rules (the dataset-side tokenizer: pad := unk, only
+    ``<ImageHere>`` added; 512-token cut; the vicuna / llama_v2 label masks, corrected only when
+    ``fix_label_mask``) and right-pads. A sample whose ids do not hold exactly N consecutive
+    ``<ImageHere>`` ids (no marker, several, or cut at 512 tokens) is dropped and reported as a
+    ``bad_annotation`` in ``bad_samples``. Picklable (it runs in DataLoader workers).
+    """
+
+    def __init__(self, tokenizer_path: Optional[str], num_tokens: int, template: str, fix_label_mask: bool) -> None:
+        self.tokenizer_path = tokenizer_path
+        self.num_tokens = num_tokens
+        self.template = template
+        self.fix_label_mask = fix_label_mask
+        self._tok = None
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = load_dataset_tokenizer(self.tokenizer_path)
+        return self._tok
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_tok"] = None
+        return state
+
+    def expand(self, turns: Sequence[Dict[str, str]], msg: str) -> List[Dict[str, str]]:
+        from videollm.conversation import expand_image_placeholders
+
+        video = "<Video>" + IMAGE_PATCH_TOKEN * self.num_tokens + "</Video> " + msg
+        out = expand_image_placeholders(list(turns), self.num_tokens)
+        for turn in out:
+            turn["value"] = turn["value"].replace("<video>", video)
+        return out
+
+    def tokenize(self, turns: Sequence[Dict[str, str]], msg: str = "", fix_label_mask: Optional[bool] = None):
+        from videollm.conversation import tokenize_instruct
+
+        fix = self.fix_label_mask if fix_label_mask is None else fix_label_mask
+        input_ids, labels = tokenize_instruct(self.expand(turns, msg), self.tokenizer, self.template, fix)
+        patch_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
+        pos = (input_ids == patch_id).nonzero().flatten()
+        n = self.num_tokens
+        if len(pos) != n or (n > 0 and int(pos[-1] - pos[0]) != n - 1):
+            raise BadInput("bad_annotation",
+                           f"{len(pos)} <ImageHere> ids after tokenisation (need {n} consecutive; "
+                           "missing <image>, several images, or cut at 512 tokens?)")
+        return input_ids, labels
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        from videollm.conversation import collate_instruct
+
+        if "conversations" not in batch or "input_ids" in batch:
+            return batch
+        convs = batch["conversations"]
+        msgs = batch.get("media_msgs") or [""] * len(convs)
+        fixes = batch.get("fix_label_mask") or [None] * len(convs)
+        paths = batch.get("paths") or [f"<sample {i}>" for i in range(len(convs))]
+        good, bad = [], list(batch.get("bad_samples", []))
+        for i, (turns, msg, fix) in enumerate(zip(convs, msgs, fixes)):
+            try:
+                ids, labels = self.tokenize(turns, msg, fix)
+            except BadInput as exc:
+                logger.warning("%s: %s (%s)", paths[i], exc.reason, exc.detail)
+                bad.append((paths[i], exc.reason))
+                continue
+            good.append((i, {"input_ids": ids, "labels": labels, "image": batch["images"][i]}))
+        if not good:
+            return {"bad_samples": bad, "num_samples": 0}
+        out = collate_instruct([s for _, s in good], self.tokenizer.pad_token_id)
+        out["bad_samples"] = bad
+        out["num_samples"] = len(good)
+        return out

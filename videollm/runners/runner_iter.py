@@ -725,25 +725,14 @@ class RunnerIter:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Optional[Dict[str, Any]]:
-        """Caption every held-out split (``val``/``test``) greedily; rank 0 writes eval_results.json."""
-        from videollm.evaluation import evaluate_caption_dataset, write_results
+        """The task's evaluation of the held-out splits (rank 0), written to eval_results.json."""
+        from videollm.evaluation import write_results
 
         results: Dict[str, Any] = {}
         if self.dist.is_main:
-            splits = list(self.run.get("test_splits", []) or []) + list(self.run.get("valid_splits", []) or [])
-            splits = splits or ["val", "test"]
             self.model.eval()
-            for name, by_split in self.datasets.items():
-                for split in splits:
-                    if split in by_split:
-                        results[f"{name}/{split}"] = evaluate_caption_dataset(
-                            self.model, by_split[split], batch_size=int(self.run.get("batch_size_eval", 1)),
-                            max_new_tokens=int(self.run.get("eval_max_new_tokens", 16)), device=self.device,
-                        )
-            if not results:
-                logger.warning("run.evaluate is true but no dataset has a split among %s (for webvid set "
-                               "build_info.val_anno_dir); nothing evaluated", splits)
-            else:
+            results = self.task.evaluate(self.model, self.datasets, self.run, self.device)
+            if results:
                 path = write_results(results, self.output_dir)
                 for key, res in results.items():
                     logger.info("eval %s: %s -> %s", key, res["metrics"], path)

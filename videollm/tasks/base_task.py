@@ -75,9 +75,29 @@ class BaseTask:
         """The model's output dict for one micro-batch: ``{"loss", "num_tokens", ...}``."""
         return model(samples)
 
-    def train_step(self, model: torch.nn.Module, samples: Dict[str, Any]) -> torch.Tensor:
-        """The loss of one micro-batch (the original's ``train_step``)."""
-        return self.forward_step(model, samples)["loss"]
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: torch.nn.Module, datasets: Dict[str, Dict[str, Dataset]], run: Any,
+                 device: torch.device) -> Dict[str, Any]:
+        """Generate for every held-out split (``run.test_splits`` + ``run.valid_splits``, default
+        ``val``/``test``) and score with the registered scorer ``run.eval_scorer``
+        (``synthetic_attributes`` by default). Returns ``{"name/split": {"metrics", "samples", ...}}``."""
+        from videollm.evaluation import evaluate_caption_dataset
+
+        results: Dict[str, Any] = {}
+        splits = list(run.get("test_splits", []) or []) + list(run.get("valid_splits", []) or [])
+        splits = splits or ["val", "test"]
+        scorer = str(run.get("eval_scorer", "synthetic_attributes"))
+        for name, by_split in datasets.items():
+            for split in splits:
+                if split in by_split:
+                    results[f"{name}/{split}"] = evaluate_caption_dataset(
+                        model, by_split[split], batch_size=int(run.get("batch_size_eval", 1)),
+                        max_new_tokens=int(run.get("eval_max_new_tokens", 16)), device=device, scorer=scorer,
+                    )
+        if not results:
+            logger.warning("run.evaluate is true but no dataset has a split among %s (for webvid set "
+                           "build_info.val_anno_dir); nothing evaluated", splits)
+        return results
 
 
 def setup_task(cfg: DictConfig) -> BaseTask:
