@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RuntimeError) as e:  # storage failures outside the output folder's writes
         if not is_storage_error(e):
             raise
-        print(f"StorageError: {storage_error(e, getattr(e, 'filename', None) or args.target, 'cannot read or write')}", file=sys.stderr)
+        print(f"StorageError: {storage_error(e, getattr(e, 'filename', None) or args.target, 'cannot read or write', atomic=False)}", file=sys.stderr)
         return 1
     print(f"Wrote {result.output}: {result.num_tensors} tensors, {result.total_bytes / 1e9:.2f} GB, "
           f"vocab {result.vocab_size}; files: {', '.join(result.files)}")

@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
 
     from videollm import dist
     from videollm.config import load_config, save_config
-    from videollm.errors import VideoLLMError
+    from videollm.errors import StorageError, VideoLLMError
     from videollm.registry import import_all, registry
     from videollm.tasks import setup_task
 
@@ -96,7 +96,10 @@ def main(argv=None) -> dict:
             log.info("done: %s", {k: v for k, v in summary.items() if k != "eval"})
         return summary
     except VideoLLMError as exc:
-        log.error("%s: %s", type(exc).__name__, exc)
+        hint = ""
+        if isinstance(exc, StorageError):
+            hint = " (the checkpoints written before are intact: make room, then rerun with run.auto_resume=true)"
+        log.error("%s: %s%s", type(exc).__name__, exc, hint)
         raise SystemExit(1) from None
     except (OSError, RuntimeError) as exc:
         # Checkpoints report full/read-only disks as StorageError themselves; this catches the
@@ -105,8 +108,9 @@ def main(argv=None) -> dict:
 
         if not is_storage_error(exc):
             raise
-        error = storage_error(exc, getattr(exc, "filename", None) or run_output_dir(args), "cannot read or write")
-        log.error("StorageError: %s", error)
+        error = storage_error(exc, getattr(exc, "filename", None) or run_output_dir(args), "cannot read or write", atomic=False)
+        log.error("StorageError: %s (the checkpoints written before are intact: make room, then rerun with "
+                  "run.auto_resume=true)", error)
         raise SystemExit(1) from None
     finally:
         from videollm import dist as _dist

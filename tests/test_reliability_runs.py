@@ -314,8 +314,30 @@ def test_train_py_reports_a_full_disk_in_one_line_and_exits_1(tmp_path, full_dis
     assert info.value.code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [f"StorageError: {tmp_path / 'checkpoint_0.pth'}: cannot write: no space left on device; "
-                      "nothing there was replaced"]
+                      "nothing there was replaced (the checkpoints written before are intact: make room, then "
+                      "rerun with run.auto_resume=true)"]
     assert temp_names(tmp_path) == [] and not list(tmp_path.glob("*.pth"))
+
+
+def test_train_py_reports_other_full_disk_writes_in_one_line(tmp_path, monkeypatch, caplog):
+    """The metrics log (not an atomic save) on a full disk: the OSError is named, not a traceback."""
+    import train
+    from videollm.runners.metrics import MetricsWriter
+
+    log = tmp_path / "log.jsonl"
+
+    def full(self, record):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(log))
+
+    monkeypatch.setattr(MetricsWriter, "write", full)
+    argv = ["--cfg-path", str(REPO / "train_configs/tiny_synthetic.yaml"), "--options", f"run.output_dir={tmp_path}",
+            "run.max_epoch=1", "run.iters_per_epoch=1", "run.batch_size_train=2", "run.num_workers=0",
+            "run.log_freq=1", "run.evaluate=false", "datasets.synthetic_clips.build_info.val_anno_dir=null"]
+    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as info:
+        train.main(argv)
+    assert info.value.code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"StorageError: {log}: cannot read or write: no space left on device (")
 
 
 def test_convert_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):

@@ -285,12 +285,15 @@ def storage_cause(exc: BaseException, path: str | os.PathLike) -> str:
     return f"write failed ({_first_line(exc)}; {free / 2**30:.1f} GiB free there)"
 
 
-def storage_error(exc: BaseException, path: str | os.PathLike, what: str = "cannot write") -> StorageError:
-    """A :class:`StorageError` naming ``path`` and the cause of ``exc`` (see :func:`storage_cause`)."""
+def storage_error(exc: BaseException, path: str | os.PathLike, what: str = "cannot write",
+                  atomic: bool = True) -> StorageError:
+    """A :class:`StorageError` naming ``path`` and the cause of ``exc`` (see :func:`storage_cause`);
+    ``atomic``: the failed write was an atomic one (the message then says nothing was replaced)."""
     name = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
     where = f" (at {name})" if name and str(name) != str(path) and not _TEMP_NAME.match(Path(name).name) else ""
     cause = storage_cause(exc, path)
-    return StorageError(f"{path}: {what}: {cause}{where}; nothing there was replaced", path, cause)
+    tail = "; nothing there was replaced" if atomic else ""
+    return StorageError(f"{path}: {what}: {cause}{where}{tail}", path, cause)
 
 
 def _temp_sibling(path: Path) -> Path:

@@ -841,7 +841,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, RuntimeError) as e:
         if not is_storage_error(e):
             raise
-        error = storage_error(e, getattr(e, "filename", None) or "output", "cannot read or write")
+        error = storage_error(e, getattr(e, "filename", None) or "output", "cannot read or write", atomic=False)
         print(f"error: StorageError: {error}", file=sys.stderr)
         return 1
     return 0
