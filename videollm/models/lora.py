@@ -354,7 +354,9 @@ def merge_lora_state_dict(
                 f"{key}: shapes do not fit: W {tuple(w.shape)}, B {tuple(b.shape)}, A {tuple(a.shape)}"
             )
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise CheckpointError(f"{w_names[1]}: base weight is {w.dtype} (quantized?); merge into a 16/32-bit base")
+            raise CheckpointError(
+                f"{w_names[1]}: base weight is {w.dtype} (an 8/4-bit LLM); build the base without 8/4-bit loading to merge"
+            )
         merged = w.float() + scaling * (b.float() @ a.float())
         out[f"{attr}.{mod}.weight"] = merged.to(w.dtype)
         pairs += 1
