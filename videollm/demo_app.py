@@ -262,7 +262,12 @@ class UploadCache:
     def start(self) -> "UploadCache":
         if self._thread is None:
             def loop() -> None:
+                seen_running = False
                 while not self._stop.wait(self.interval):
+                    running = bool(getattr(self.blocks, "is_running", False))
+                    if seen_running and not running:  # the app was closed
+                        return
+                    seen_running = seen_running or running
                     try:
                         self.prune()
                     except Exception:  # noqa: BLE001 - the server must go on
