@@ -255,7 +255,7 @@ def test_malformed_cc_sbu_align_entries(synthetic_root, tmp_path):
     ds = build("cc_sbu_align", vis_processor=IMAGE_PROC, build_info={"storage": str(storage)})
     out = draw_all(ds)
     assert reasons(out) == [None] + ["bad_annotation"] * 8 + ["outside_root"]
-    assert out[1].path == f"{storage / 'filter_cap.json'}#1"
+    assert [s.path for s in out[1:]] == [f"{storage / 'filter_cap.json'}#{i}" for i in range(1, len(anns))]
 
 
 def test_malformed_llava_entries(synthetic_root, tmp_path):
@@ -539,12 +539,11 @@ def test_soak_tiny_recipe_on_a_hostile_data_mix(synthetic_root, odd_files, tmp_p
     anno = _hostile_webvid(tmp_path, synthetic_root, odd_files)
     cc = tmp_path / "cc"
     shutil.copytree(synthetic_root / "cc_sbu_align", cc)
-    anns = json.loads((cc / "filter_cap.json").read_text())["annotations"]
-    anns += [{"caption": "no id"}, {"image_id": anns[0]["image_id"], "caption": None}, "text",
-             {"image_id": "../escape", "caption": "x"}]
+    good = json.loads((cc / "filter_cap.json").read_text())["annotations"]
     shutil.copy(synthetic_root / "broken" / "corrupt.jpg", cc / "image" / "corrupt.jpg")
-    anns.append({"image_id": "corrupt", "caption": "a corrupt image"})
-    (cc / "filter_cap.json").write_text(json.dumps({"annotations": anns * 3}))
+    bad = [{"caption": "no id"}, {"image_id": good[0]["image_id"], "caption": None}, "text",
+           {"image_id": "../escape", "caption": "x"}, {"image_id": "corrupt", "caption": "a corrupt image"}]
+    (cc / "filter_cap.json").write_text(json.dumps({"annotations": good * 4 + bad}))  # 5 bad of 53
     recipe = OmegaConf.load(TINY_RECIPE)
     proc = {"train": {"name": "alpro_video_eval", "image_size": 32, "n_frms": 4},
             "eval": {"name": "alpro_video_eval", "image_size": 32, "n_frms": 4}}

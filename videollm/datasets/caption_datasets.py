@@ -189,20 +189,18 @@ class CCSBUAlignDataset(CaptionDatasetMixin, Dataset):
 
     def __getitem__(self, index: int) -> Any:
         ann = self.annotation[index]
-        try:
-            name = self.image_path(ann)
-        except BadInput:
-            name = f"{self.ann_path}#{index}"
+        # the entry first (named filter_cap.json#index), then the image (named by its path)
+        entry = guarded(f"{self.ann_path}#{index}", lambda: (self.image_path(ann), text_field(ann, "caption")))
+        if isinstance(entry, BadSample):
+            return entry
+        path, caption = entry
 
         def load() -> Dict[str, Any]:
-            path = self.image_path(ann)
-            caption = text_field(ann, "caption")
             image = load_image_sample(path, self.vis_processor, self.max_pixels)
-            if self.text_processor is not None:
-                caption = self.text_processor(caption)
-            return {"image": image, "text_input": caption, "type": "image"}
+            text = self.text_processor(caption) if self.text_processor is not None else caption
+            return {"image": image, "text_input": text, "type": "image"}
 
-        return guarded(name, load)
+        return guarded(path, load)
 
 
 # ----------------------------------------------------------------------------------------
