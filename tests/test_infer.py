@@ -132,3 +132,22 @@ def test_cannot_start_is_exit_101(tmp_path):
     with pytest.raises(SystemExit) as exc:
         infer.parse_args(["--input", "a.jsonl"])  # --output missing
     assert exc.value.code == infer.EXIT_FATAL
+
+
+def test_chat_and_cli_refuse_huge_media_with_named_errors(chat, tmp_path, monkeypatch):
+    from test_upload_safety import write_frames
+
+    from videollm import cli
+    from videollm.chat import new_conversation
+    from videollm.errors import ImageDecodeError, VideoDecodeError
+
+    bomb = png_header_only(tmp_path / "bomb.png", 16000, 16000)
+    with pytest.raises(ImageDecodeError, match=r"bomb\.png: image too large"):
+        chat.upload_img(str(bomb), new_conversation("vicuna", "image"), [])
+    wide = write_frames(tmp_path / "wide.avi", 3840, 2176)  # one frame above the training pixel limit
+    with pytest.raises(VideoDecodeError, match=r"wide\.avi: video too large: 3840x2176"):
+        chat.upload_video(str(wide), new_conversation("vicuna", "video"), [], with_audio=False)
+    monkeypatch.setattr(cli, "build_chat_from_args", lambda args: (chat, "vicuna", []))
+    err = io.StringIO()
+    assert cli.main(["--cfg-path", "x.yaml", "--image", str(bomb), "-q", "?"], out=io.StringIO(), err=err) == 2
+    assert "bomb.png" in err.getvalue() and "Traceback" not in err.getvalue()
