@@ -409,7 +409,12 @@ def test_validated_tiny_model_builds():
     from videollm.validation import validate_model_values
 
     cfg = _load()
-    validate_model_values(OmegaConf.to_container(cfg.model), "model")
+    values = OmegaConf.to_container(cfg.model)
+    validate_model_values(values, "model")
+    validate_model_values(values, "model", VideoLLAMA.config_schema)
+    with pytest.raises(ConfigError, match=r"^model\.vit\.depht: unknown key"):  # no arch needed with the schema
+        validate_model_values({"vit": {"depht": 2}}, "model", VideoLLAMA.config_schema)
+    validate_model_values({"arch": "other", "vit": {"depht": 2}}, "model")  # other architectures: their own checks
     assert VideoLLAMA.from_config(cfg.model) is not None
 
 

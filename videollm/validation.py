@@ -241,14 +241,25 @@ def validate_llm_config(llm: Dict[str, Any], prefix: str = "model.llm_config") -
                           "(grouped-query attention shares each key/value head among equal groups)")
 
 
-def validate_model_values(model: Mapping[str, Any], prefix: str = "model") -> None:
+def validate_model_values(model: Mapping[str, Any], prefix: str = "model", schema: Optional[type] = None) -> None:
     """Nested dictionaries and structural constraints of a ``model:`` section (a plain dict whose
-    top-level keys already passed the model's schema). Only ``arch: video_llama`` is known here;
-    other architectures are left to their own checks."""
-    if str(model.get("arch", "video_llama")) != "video_llama":
+    top-level keys already passed the model's schema).
+
+    ``schema``: the model class's ``config_schema`` (what ``from_config`` knows); without it the
+    architecture is read from ``model["arch"]``. Only Video-LLaMA's schema is known here; other
+    architectures are left to their own checks. In ``from_config``::
+
+        validate_mapping(values, cls.config_schema, "model")
+        validate_model_values(values, "model", cls.config_schema)
+    """
+    from videollm.models.video_llama import VideoLLAMAConfig
+
+    if schema is not None:
+        if schema is not VideoLLAMAConfig:
+            return
+    elif str(model.get("arch")) != "video_llama":
         return
     _check_ranges(model, MODEL_RANGES, prefix)
-    from videollm.models.video_llama import VideoLLAMAConfig
 
     image_size = int(model.get("image_size", VideoLLAMAConfig.image_size))
     validate_vit(_mapping(model, "vit", prefix), image_size, f"{prefix}.vit")
