@@ -333,7 +333,7 @@ def test_cli_non_interactive_and_interactive(chat, media, monkeypatch):
     out = io.StringIO()
     rc = cli.main(["--cfg-path", "x.yaml", "--image", media["image"], "--greedy", "--max-new-tokens", "4"],
                   out=out, err=io.StringIO(), stdin=io.StringIO("Hi?\n/reset\nAgain?\n/quit\n"))
-    assert rc == 0 and out.getvalue().count("Video-LLaMA: ") == 2 and "(new conversation)" in out.getvalue()
+    assert rc == 0 and out.getvalue().count("Assistant: ") == 2 and "(new conversation)" in out.getvalue()
     err = io.StringIO()
     rc = cli.main(["--cfg-path", "x.yaml", "--video", str(media["broken"] / "truncated.mp4"), "-q", "?"],
                   out=io.StringIO(), err=err)

@@ -644,6 +644,28 @@ def add_model_args(parser) -> None:
     mem.add_argument("--vit-on-cpu", action="store_true", help="keep the vision encoder on the CPU in fp32 (model.vit_on_cpu)")
 
 
+def add_generation_args(parser, greedy_default: bool = True) -> None:
+    """The generation flags of every entry point (CLI, batch inference, demo, server), with the
+    defaults of :class:`GenerationSettings` (greedy; ``--sample`` samples). ``greedy_default`` is
+    accepted for older callers and ignored: there is one decoding default."""
+    d = GenerationSettings()
+    gen = parser.add_argument_group("generation (greedy by default)")
+    gen.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"(default {d.max_new_tokens})")
+    gen.add_argument("--max-length", type=int, default=d.max_length,
+                     help=f"context limit: prompt + new tokens (default {d.max_length})")
+    gen.add_argument("--num-beams", type=int, default=d.num_beams, help=f"(default {d.num_beams})")
+    gen.add_argument("--temperature", type=float, default=d.temperature, help=f"with --sample (default {d.temperature})")
+    gen.add_argument("--top-p", type=float, default=d.top_p, help=f"with --sample (default {d.top_p})")
+    gen.add_argument("--sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (the default)")
+    parser.set_defaults(do_sample=d.do_sample)
+
+
+def generation_from_args(args) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, max_length=args.max_length, num_beams=args.num_beams,
+                              temperature=args.temperature, top_p=args.top_p, do_sample=bool(args.do_sample))
+
+
 def _device_from_args(args) -> torch.device:
     if getattr(args, "cpu", False):
         return torch.device("cpu")
@@ -736,7 +758,9 @@ __all__ = [
     "Chat",
     "ChatMedia",
     "GenerationSettings",
+    "add_generation_args",
     "add_model_args",
+    "generation_from_args",
     "build_chat_from_args",
     "place_model",
     "resolve_checkpoint_pattern",

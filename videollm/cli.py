@@ -17,35 +17,24 @@ import logging
 import sys
 from typing import List, Optional, Sequence, TextIO
 
-from videollm.chat import Chat, add_model_args, build_chat_from_args, new_conversation
+from videollm.chat import (  # noqa: F401 - add_generation_args is re-exported for older imports
+    Chat,
+    add_generation_args,
+    add_model_args,
+    build_chat_from_args,
+    generation_from_args,
+    new_conversation,
+)
 from videollm.errors import VideoLLMError
 
 logger = logging.getLogger(__name__)
 
 
-def add_generation_args(parser: argparse.ArgumentParser, greedy_default: bool) -> None:
-    gen = parser.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=300)
-    gen.add_argument("--max-length", type=int, default=2000, help="context limit: prompt + new tokens")
-    gen.add_argument("--num-beams", type=int, default=1)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-p", type=float, default=0.9)
-    if greedy_default:
-        gen.add_argument("--sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
-    else:
-        gen.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding (deterministic)")
-    parser.set_defaults(do_sample=not greedy_default)
-
-
 def generation_kwargs(args: argparse.Namespace) -> dict:
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "max_length": args.max_length,
-        "num_beams": args.num_beams,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "do_sample": args.do_sample,
-    }
+    """The answer settings of the command line (:class:`~videollm.chat.GenerationSettings` fields)."""
+    import dataclasses
+
+    return dataclasses.asdict(generation_from_args(args))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -54,9 +43,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     media = parser.add_mutually_exclusive_group(required=True)
     media.add_argument("--video", help="video file")
     media.add_argument("--image", help="image file")
-    parser.add_argument("--audio", action="store_true", help="also use the video's sound (needs model.equip_audio_branch)")
+    parser.add_argument("--audio", action="store_true", help="also use the video's sound (models with an audio branch)")
     parser.add_argument("--question", "-q", action="append", default=None, help="ask this (repeatable); none: interactive")
-    add_generation_args(parser, greedy_default=False)
+    add_generation_args(parser)
     return parser.parse_args(argv)
 
 
@@ -117,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
                 conv, img_list = start(chat, args, model_type, err)
                 out.write("(new conversation)\n")
                 continue
-            out.write("Video-LLaMA: ")
+            out.write("Assistant: ")
             ask_and_print(chat, conv, img_list, question, args, out, err)
     except VideoLLMError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=err)

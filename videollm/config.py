@@ -315,6 +315,8 @@ def build_model_config(user_model: DictConfig) -> DictConfig:
     model_cls = registry.get_model_class(str(arch))
     model_type = user_model.get("model_type") or getattr(model_cls, "DEFAULT_MODEL_TYPE", None)
     if model_type is None:
+        if not getattr(model_cls, "PRETRAINED_MODEL_CONFIG_DICT", None):  # a model without presets
+            return user_model
         raise ConfigError("model.model_type: missing (a preset name of the model)")
     default = _load_yaml(default_model_config_path(model_cls, str(model_type)))
     return OmegaConf.merge(default.get("model", OmegaConf.create()), user_model)

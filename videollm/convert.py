@@ -433,6 +433,11 @@ def _place(src: Path, dst: Path, mode: str, key: str) -> Path:
     return dst
 
 
+def _sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """The tensors of ``state`` under ``prefix``, with the prefix removed (a submodule's state dict)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def _random_parts(m: Mapping[str, Any]) -> List[str]:
     """The parts a model built from config ``m`` would get random weights for (or may, when not strict)."""
     parts = [key for key in ("llama_model", "vit_ckpt", "q_former_model", "ckpt") if not m.get(key)]
@@ -480,8 +485,14 @@ def export_folder(
     from videollm.chat import resolve_checkpoint_pattern
     from videollm.config import load_config
     from videollm.models.imagebind import CHECKPOINT_FILENAME
-    from videollm.models.video_llama import AUDIO_BRANCH, PACKAGE_DIR, VIDEO_BRANCH, VideoLLAMA
+    from videollm.models.video_llama import AUDIO_BRANCH, PACKAGE_DIR, VIDEO_BRANCH
+    from videollm.registry import registry
     from videollm.tokenizer import load_tokenizer
+
+    arch = str(OmegaConf.select(load_config(cfg_path, options), "model.arch") or "video_llama")
+    if arch != "video_llama":
+        raise ConfigError(f"convert export: model.arch '{arch}' is not supported yet (export writes the "
+                          "Video-LLaMA layout: LLM folder, encoder files, branch adapter)")
 
     if link not in LINK_MODES:
         raise ConfigError(f"--link: '{link}' unknown; choose one of {', '.join(LINK_MODES)}")
@@ -517,14 +528,14 @@ def export_folder(
         if random_parts:
             logger.info("building the model to export its weights (no file for: %s)", ", ".join(random_parts))
             build = dict(m, low_resource=False, load_in_4bit=False, device_map=None)
-            model = VideoLLAMA.from_config(OmegaConf.create(build)).eval()
+            model = registry.get_model_class(str(m.get("arch", "video_llama"))).from_config(OmegaConf.create(build)).eval()
             state = model.state_dict()
 
         # LLM and tokenizer.
         if m.get("llama_model"):
             _place(Path(m["llama_model"]), work / "llm", link, "llama_model")
         else:
-            model.llama_model.save_pretrained(str(work / "llm"))
+            model.language_model.save_pretrained(str(work / "llm"))
         tok_source = m.get("tokenizer") if m.get("tokenizer") is not None else m.get("llama_model")
         load_tokenizer(tok_source).save_pretrained(work / "tokenizer")
         m["llama_model"], m["tokenizer"] = str(out / "llm"), str(out / "tokenizer")
@@ -535,7 +546,7 @@ def export_folder(
         if m.get("vit_ckpt"):
             m["vit_ckpt"] = final(_place(Path(m["vit_ckpt"]), enc / Path(m["vit_ckpt"]).name, link, "vit_ckpt"))
         else:  # load_eva_vit_weights reads a bare ViT state dict with torch.load
-            save_atomic(model.visual_encoder.state_dict(), enc / "eva_vit_g.pth")
+            save_atomic(_sub_state(state, "visual_encoder."), enc / "eva_vit_g.pth")
             m["vit_ckpt"] = final(enc / "eva_vit_g.pth")
         if m.get("q_former_model"):
             m["q_former_model"] = final(_place(Path(m["q_former_model"]), enc / Path(m["q_former_model"]).name, link, "q_former_model"))
@@ -550,7 +561,7 @@ def export_folder(
                 src = src / CHECKPOINT_FILENAME if src.is_dir() else src
                 m["imagebind_ckpt_path"] = final(_place(src, ib_dir / src.name, link, "imagebind_ckpt_path"))
             else:  # load_imagebind_weights reads a bare state dict with torch.load
-                save_atomic(model.audio_encoder.state_dict(), ib_dir / CHECKPOINT_FILENAME)
+                save_atomic(_sub_state(state, "audio_encoder."), ib_dir / CHECKPOINT_FILENAME)
                 m["imagebind_ckpt_path"] = final(ib_dir)
 
         # Branch weights, loaded as model.ckpt. Every key the configured ckpt/ckpt_2 carried is kept

@@ -73,6 +73,12 @@ class FreezeRule:
     prefix: str  # parameter-name prefix ("" matches every parameter)
     trainable: bool
     why: str = ""
+    pattern: Optional[str] = None  # a regular expression searched in the name instead of a prefix
+
+    def matches(self, name: str) -> bool:
+        if self.pattern is not None:
+            return re.search(self.pattern, name) is not None
+        return name.startswith(self.prefix)
 
 
 @dataclass
@@ -86,10 +92,15 @@ class FreezePlan:
             self.rules.append(FreezeRule(p, trainable, why))
         return self
 
+    def add_pattern(self, pattern: str, trainable: bool, why: str = "") -> "FreezePlan":
+        """A rule for the names in which ``pattern`` (a regular expression) is found."""
+        self.rules.append(FreezeRule("", trainable, why, pattern=pattern))
+        return self
+
     def trainable(self, name: str) -> bool:
         out = True
         for rule in self.rules:
-            if name.startswith(rule.prefix):
+            if rule.matches(name):
                 out = rule.trainable
         return out
 
@@ -148,7 +159,11 @@ class VideoLLM(nn.Module):
     # ------------------------------------------------------------------ the LLM
     @property
     def language_model(self) -> nn.Module:
-        return getattr(self, self.llm_attr)
+        """The transformers causal LM (the submodule named ``llm_attr``; may be PEFT-wrapped)."""
+        module = self._modules.get(self.llm_attr)
+        if module is None:
+            raise AttributeError(f"{type(self).__name__} has no language model '{self.llm_attr}' yet")
+        return module
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(ids)
@@ -310,7 +325,10 @@ class VideoLLM(nn.Module):
         values = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
         if cls.config_schema is None:
             raise TypeError(f"{cls.__name__} has no config_schema")
+        from videollm.validation import validate_model_values
+
         validate_mapping(values, cls.config_schema, "model")
+        validate_model_values(values, "model", cls.config_schema)
         return cls(cls.config_schema(**with_defaults(values, cls.config_schema)))
 
     @classmethod

@@ -248,35 +248,17 @@ class VideoLLAMA(VideoLLM):
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
     def _build_llm(cfg: VideoLLAMAConfig) -> nn.Module:
-        import transformers
+        """Any transformers causal LM (the LLM factory): a local folder, or random weights from
+        ``llm_config``; 8-bit (``low_resource``) or 4-bit through bitsandbytes, on CUDA or CPU."""
+        from videollm.models.llm import build_language_model
 
-        if cfg.llm_dtype not in DTYPES:
-            raise ConfigError(f"model.llm_dtype: '{cfg.llm_dtype}' unknown; choose one of {sorted(DTYPES)}")
-        dtype = DTYPES[cfg.llm_dtype]
-        if cfg.llama_model:
-            path = Path(cfg.llama_model)
-            if not (path / "config.json").is_file():
-                raise ConfigError(
-                    f"model.llama_model: {path} is not a Hugging Face model folder (no config.json); "
-                    "for Vicuna v0 apply the delta first with apply_delta.py"
-                )
-            kwargs: Dict[str, Any] = {"dtype": dtype}
-            if cfg.low_resource or cfg.load_in_4bit:
-                kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-                    load_in_8bit=cfg.low_resource and not cfg.load_in_4bit,
-                    load_in_4bit=cfg.load_in_4bit,
-                    bnb_4bit_compute_dtype=torch.float16,
-                )
-                kwargs["device_map"] = {"": cfg.device_8bit}
-            if cfg.device_map:
-                kwargs["device_map"] = cfg.device_map
-            return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        if not cfg.llm_config:
+        if not cfg.llama_model and not cfg.llm_config:
             raise ConfigError("model.llama_model: empty; give a LLaMA folder, or llm_config for random weights")
-        llm_kwargs = dict(cfg.llm_config)
-        model_type = llm_kwargs.pop("model_type", "llama")
-        config = transformers.AutoConfig.for_model(model_type, **llm_kwargs)
-        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return build_language_model(
+            cfg.llama_model, config=cfg.llm_config or None, dtype=cfg.llm_dtype,
+            load_in_8bit=cfg.low_resource and not cfg.load_in_4bit, load_in_4bit=cfg.load_in_4bit,
+            device_map=cfg.device_map, device_8bit=cfg.device_8bit, key="model.llama_model",
+        )
 
     def _build_audio_branch(self, cfg: VideoLLAMAConfig, qformer_hidden: int, llm_hidden: int) -> None:
         from videollm.models.imagebind import ImageBindModel, imagebind_huge_config
@@ -362,16 +344,16 @@ class VideoLLAMA(VideoLLM):
             plan.add("audio_encoder.", False, "ImageBind is always frozen")
             plan.add(("audio_Qformer.", "audio_query_tokens", "audio_llama_proj.", "audio_position_embedding."),
                      not cfg.frozen_audio_Qformer, "frozen_audio_Qformer")
-        if cfg.lora:
-            from videollm.models.lora import lora_parameter_prefixes
-
-            plan.add(lora_parameter_prefixes(self, self.llm_attr), True, "LoRA adapters train")
+        if cfg.lora:  # inside the (frozen) LLM only the adapters train
+            plan.add_pattern(r"\.lora_|\.modules_to_save\.", True, "model.lora")
         return plan
 
     def _apply_freezing(self, cfg: VideoLLAMAConfig) -> None:
         self.freeze_plan().apply(self)
-        if cfg.llm_grad_checkpointing and hasattr(self.llama_model, "gradient_checkpointing_enable"):
-            self.llama_model.gradient_checkpointing_enable()
+        if cfg.llm_grad_checkpointing:
+            from videollm.models.llm import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(self.llama_model)
         self.train(self.training)
 
     def _frozen_eval_modules(self) -> List[nn.Module]:
