@@ -42,6 +42,9 @@ from videollm.datasets.instruct_datasets import (
 from videollm.datasets.mixing import MixedLoader, build_train_loader
 from videollm.datasets.shard_datasets import CCSBUBuilder, LaionBuilder, ShardDataset, VideoShardBuilder
 from videollm.datasets.synthetic_datasets import SyntheticClipDataset, SyntheticClipsBuilder
+from videollm.datasets.pllava_datasets import SyntheticVideoChatBuilder, VideoChat2InstructBuilder  # noqa: F401
+from videollm.datasets.llava_json_datasets import LlavaJsonBuilder, LlavaJsonDataset  # noqa: F401
+from videollm.datasets.llmva_gebc_datasets import GEBCBuilder, GEBCDataset  # noqa: F401
 
 __all__ = [
     "REASONS",
