@@ -1,10 +1,10 @@
 """Does one slow upload delay the other users of the demo? Before and after isolating decodes.
 
-    python bench/upload_isolation.py [--timeout 2] [--users 3] [--hostile-frames 500]
+    python bench/upload_isolation.py [--timeout 2] [--users 3] [--hostile-frames 750] [--hostile-size 3840x2160]
 
 The demo (tiny random-weight model, served on 127.0.0.1, driven through gradio_client) gets a
-HOSTILE upload: a 1920x1080 H.264 clip with a single key frame, so sampling 8 frames decodes
-nearly all of them (seconds of CPU) and the decode runs into the chat's timeout. Half a second
+HOSTILE upload: a 3840x2160 H.264 clip (just within the pixel limit) with a single key frame, so
+sampling 8 frames decodes nearly all of them (seconds of CPU) and runs into the chat's timeout. Half a second
 later ``--users`` other users each upload a small normal clip. Measured, for each setting:
 
 * the other users' upload latency (s) alone and while the hostile upload runs;
@@ -155,9 +155,10 @@ def run_setting(name: str, chat, clip: Path, hostile: Path, users: int, isolate:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timeout", type=float, default=1.0, help="the chat's decode timeout (s)")
+    parser.add_argument("--timeout", type=float, default=2.0, help="the chat's decode timeout (s)")
     parser.add_argument("--users", type=int, default=3, help="other users uploading during the hostile upload")
-    parser.add_argument("--hostile-frames", type=int, default=1500, help="frames of the 1080p single-key-frame clip")
+    parser.add_argument("--hostile-frames", type=int, default=750, help="frames of the single-key-frame clip")
+    parser.add_argument("--hostile-size", default="3840x2160", help="its WxH (3840x2160: just at the pixel limit)")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "videollm_bench_upload"))
     args = parser.parse_args()
 
@@ -172,10 +173,11 @@ def main() -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(work / "gradio"))
-    hostile = work / f"hostile_1080p_{args.hostile_frames}f.mp4"
+    width, height = (int(v) for v in args.hostile_size.lower().split("x"))
+    hostile = work / f"hostile_{width}x{height}_{args.hostile_frames}f.mp4"
     if not hostile.is_file():
         t0 = time.perf_counter()
-        write_hostile(hostile, args.hostile_frames)
+        write_hostile(hostile, args.hostile_frames, width, height)
         print(f"wrote {hostile} ({hostile.stat().st_size / 2**20:.1f} MB) in {time.perf_counter() - t0:.0f} s")
     clip = work / "normal.mp4"
     if not clip.is_file():

@@ -280,3 +280,12 @@ def test_a_slow_upload_does_not_hold_up_another_user(server, monkeypatch):
     assert "Received the video" in text_of(chatbot[-1])
     assert not slow.done() and fast_done < 4.0
     assert "longer than the 3 s limit" in text_of(slow.result()[0][-1])
+
+
+def test_a_decompression_bomb_image_gets_a_chat_message(server, client, tmp_path):
+    from test_upload_safety import png_header_only
+
+    bomb = png_header_only(tmp_path / "bomb.png", 16000, 16000)  # 256 Mpx declared, 100 bytes on disk
+    chatbot, *_ = upload(client, image=str(bomb))
+    message = text_of(chatbot[-1])
+    assert "cannot use this file" in message and "bomb.png" in message and "too large" in message
