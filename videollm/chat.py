@@ -392,6 +392,9 @@ class Chat:
 
     def _segments(self, conv: Conversation, img_list: Sequence[Any]):
         prompt = conv.get_prompt()
+        custom = getattr(self.model, "prompt_segments", None)
+        if custom is not None:  # a model that tokenises the whole prompt itself (LLaVA-style placeholders)
+            return custom(prompt, self.media_embeddings(conv, img_list))
         placeholder = self.model.media_placeholder
         n = prompt.count(placeholder)
         if n != len(img_list):

@@ -54,7 +54,7 @@ class Conversation:
     def get_prompt(self) -> str:
         if self.sep_style == SeparatorStyle.TWO:
             seps = [self.sep, self.sep2 or self.sep]
-            ret = self.system + seps[0]
+            ret = self.system + seps[0] if self.system else ""  # no system: the prompt starts with the role
             for i, (role, message) in enumerate(self.messages):
                 ret += f"{role}: {message}{seps[i % 2]}" if message else f"{role}:"
             return ret

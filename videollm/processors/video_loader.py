@@ -60,7 +60,7 @@ T = TypeVar("T")
 
 MAX_INT = sys.maxsize  # the original's ``registry.get("MAX_INT")``: "all frames"
 DEFAULT_TIMEOUT_S = 30.0
-SAMPLING_MODES = ("uniform", "headtail", "rand", "middle", "fps", "keyframe")
+SAMPLING_MODES = ("uniform", "headtail", "rand", "middle", "fps", "keyframe", "linspace")
 # Order tried by backend="auto". PyAV first: its frames equal decord's (full size and resized,
 # see above), it was on par with decord for `uniform` and the fastest for `keyframe` in
 # bench/video_loading.py, and it avoids decord's known hangs and crashes (decord fails, for
@@ -134,6 +134,7 @@ def sample_indices(
     * ``headtail``: the original's training mode: ``n//2`` sorted random frames from the first
       half and ``n//2`` from the second half, without replacement (odd ``n`` loses one frame).
     * ``rand``: one random frame in each of ``n`` equal segments.
+    * ``linspace``: ``np.linspace(0, vlen - 1, n, dtype=int)`` (Video-LLaVA's choice: first and last frame).
     * ``middle``: the centre frame of each of ``n`` equal segments: ``int(vlen / n * (k + 0.5))``.
     * ``fps``: one frame every ``native_fps / fps`` frames from frame 0 (``fps=1``: one per
       second, as LLaMA-VID samples); ``n_frms`` is not used; when ``max_frames`` is given and
@@ -152,6 +153,8 @@ def sample_indices(
         return head + tail
     if sampling == "rand":
         return [s + _rand_below(e - s, rng) for s, e in _segments(vlen, n_frms)]
+    if sampling == "linspace":  # Video-LLaVA / LanguageBind: np.linspace(0, vlen - 1, n, dtype=int)
+        return np.linspace(0, vlen - 1, n_frms, dtype=int).tolist()
     if sampling == "middle":
         step = vlen / n_frms
         return [int(step * (k + 0.5)) for k in range(n_frms)]
