@@ -256,29 +256,37 @@ def test_length_limit_holds_for_a_webm_without_duration(server, client):
 
 
 def test_a_slow_upload_does_not_hold_up_another_user(server, monkeypatch):
-    """One user's upload takes 4 s to probe; another user's upload, sent after it, is answered
-    while the slow one still runs (uploads were handled one at a time before)."""
+    """One user's upload hangs in its probe (until released, at most 30 s); another user's
+    upload, sent after it, is answered while the first still hangs (uploads were handled one
+    at a time before: the second would have waited the full 30 s)."""
+    import threading
+
+    from gradio_client import handle_file
+
     from videollm import demo_app
 
     url, files, _ = server
     real = demo_app._video_duration
+    release = threading.Event()
 
-    def slow_for_long_clip(path, opts):
+    def hangs_for_long_clip(path, opts):
         if os.path.basename(path) == "long.mp4":
-            time.sleep(4.0)
+            release.wait(30.0)
         return real(path, opts)
 
-    monkeypatch.setattr(demo_app, "_video_duration", slow_for_long_clip)
+    monkeypatch.setattr(demo_app, "_video_duration", hangs_for_long_clip)
     slow_client, fast_client = _client(url), _client(url)
-    from gradio_client import handle_file
-
-    t0 = time.monotonic()
     slow = slow_client.submit(handle_file(files["long"]), None, False, api_name="/upload")
     time.sleep(0.5)
-    chatbot, *_ = upload(fast_client, video=files["silent_clip"])
-    fast_done = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
+        chatbot, *_ = upload(fast_client, video=files["silent_clip"])
+        fast_s = time.monotonic() - t0
+        hung = not slow.done()
+    finally:
+        release.set()
     assert "Received the video" in text_of(chatbot[-1])
-    assert not slow.done() and fast_done < 4.0
+    assert hung and fast_s < 25.0
     assert "longer than the 3 s limit" in text_of(slow.result()[0][-1])
 
 

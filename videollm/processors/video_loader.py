@@ -879,12 +879,12 @@ def run_isolated(fn: Callable[..., T], *args: Any, timeout: Optional[float], wha
             code = proc.exitcode
             import signal
 
-            how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 and -code in
-                   signal.valid_signals() else f"exit code {code}")
-            raise VideoDecodeError(
-                f"{what}: the decoding process died after {time.monotonic() - t0:.1f} s ({how}; out of memory or "
-                "a decoder crash on this file?)"
-            ) from None
+            if code is not None and code < 0 and -code in signal.valid_signals():
+                how = f"killed by {signal.Signals(-code).name}; out of memory or a decoder crash on this file?"
+            else:  # e.g. 1: the caller's __main__ script could not be re-imported in the child
+                how = (f"exit code {code}; if the script that runs this has no `if __name__ == \"__main__\":` "
+                       "guard, add one (multiprocessing re-imports it)")
+            raise VideoDecodeError(f"{what}: the decoding process died after {time.monotonic() - t0:.1f} s ({how})") from None
     finally:
         recv_end.close()
         if proc.is_alive():
@@ -1076,8 +1076,10 @@ def load_video(
         isolate: decode in a child process (:func:`run_isolated`) that is KILLED at the
             timeout, so a hanging file stops using CPU at once, and a decoder crash or
             out-of-memory kill becomes a VideoDecodeError. For untrusted files (chat, demo
-            uploads); costs a process start per call (see bench/upload_isolation.py). ``rng``
-            must then be picklable, and its state is not advanced in the caller.
+            uploads); costs a process start per call (~15-40 ms here, see
+            bench/upload_isolation.py). ``rng`` must then be picklable, and its state is not
+            advanced in the caller. As with any multiprocessing use, a calling script needs
+            the ``if __name__ == "__main__":`` guard.
 
     Returns:
         frames ``(3, T, H, W)`` float32, or ``(frames, msg)`` with ``return_msg``.
