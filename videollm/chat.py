@@ -119,6 +119,7 @@ class ChatMedia:
 
     media: Media
     embeds: Optional[torch.Tensor] = None
+    message: str = ""  # the text the upload put into the user message (removed from the question)
 
     @property
     def shape(self) -> Tuple[int, ...]:  # the embedding's (1, n, H), once encoded
@@ -257,12 +258,13 @@ class Chat:
 
     def _add(self, conv: Conversation, img_list: List[Any], media: Sequence[Media], kind: str, msg: str = "") -> None:
         template = template_of(conv)
+        message = template.media_message(kind, msg)
         for m in media:
-            img_list.append(ChatMedia(m))
+            img_list.append(ChatMedia(m, message=message))
         system = template.media_system.get(kind)
         if system is not None and kind == "audio_video":
             conv.system = system
-        conv.append_message(conv.roles[0], template.media_message(kind, msg))
+        conv.append_message(conv.roles[0], message)
 
     def upload_video(
         self,
@@ -300,7 +302,8 @@ class Chat:
     ) -> str:
         """Video frames only; Video-LLaMA's message ``"<Video><ImageHere></Video> " + msg``."""
         video = self._load(video_path, "video")
-        self._add(conv, img_list, [video], "video", video.meta.get("msg", ""))
+        # a model may turn a file into another kind (LLaMA-VID: a feature file -> "features")
+        self._add(conv, img_list, [video], video.kind, video.meta.get("msg", ""))
         return "Received."
 
     def upload_img(self, image: ImageInput, conv: Conversation, img_list: List[Any]) -> str:
@@ -353,11 +356,14 @@ class Chat:
         img_list.clear()
 
     @staticmethod
-    def _question(conv: Conversation, template: ChatTemplate) -> str:
+    def _question(conv: Conversation, template: ChatTemplate, img_list: Sequence[Any] = ()) -> str:
         """The latest user text without placeholders and media markup (for text-conditioned encoders)."""
         for role, message in reversed(conv.messages):
             if role == conv.roles[0] and message:
                 text = message
+                for entry in img_list:  # the exact upload messages first (they may hold a {msg})
+                    if isinstance(entry, ChatMedia) and entry.message:
+                        text = text.replace(entry.message, "")
                 for kind_msg in template.media_messages.values():
                     text = text.replace(kind_msg.replace("{msg}", ""), "")
                 return text.replace(template.placeholder, "").replace("\n", " ").strip()
@@ -367,7 +373,7 @@ class Chat:
         """Each medium's (n_i, H_llm) embedding, encoded now (cached unless text-conditioned)."""
         template = template_of(conv)
         conditioned = bool(getattr(self.model, "text_conditioned", False))
-        question = self._question(conv, template) if conditioned else None
+        question = self._question(conv, template, img_list) if conditioned else None
         out: List[torch.Tensor] = []
         for entry in img_list:
             if isinstance(entry, torch.Tensor):  # an embedding given directly: (1, n, H) or (n, H)
@@ -397,12 +403,18 @@ class Chat:
             return custom(prompt, self.media_embeddings(conv, img_list))
         placeholder = self.model.media_placeholder
         n = prompt.count(placeholder)
-        if n != len(img_list):
+        # a medium may stand for several placeholders (meta "placeholders": a long video's one per
+        # visual token); its embedding is split evenly over them
+        slots = [int(e.media.meta.get("placeholders", 1)) if isinstance(e, ChatMedia) else 1 for e in img_list]
+        if n != sum(slots):
             raise PromptError(
                 f"the prompt has {n} {placeholder} placeholders but {len(img_list)} visual "
                 "inputs were uploaded; upload once per conversation"
             )
-        return segments_from_prompt(self.tokenizer, prompt, placeholder, self.media_embeddings(conv, img_list))
+        pieces: List[torch.Tensor] = []
+        for emb, k in zip(self.media_embeddings(conv, img_list), slots):
+            pieces.extend(torch.tensor_split(emb, k) if k > 1 else [emb])
+        return segments_from_prompt(self.tokenizer, prompt, placeholder, pieces)
 
     def prepare(
         self,
