@@ -289,3 +289,23 @@ def test_video_llama_qlora_trains_a_few_steps_on_cpu(tmp_path):
     assert all(l == l and l < 1e4 for l in losses)
     assert any(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if "lora_B" in n)
     assert any("4bit" in type(m).__name__.lower() or "Linear4bit" in type(m).__name__ for m in model.llama_model.modules())
+
+
+def test_full_state_dict_loads_strictly_with_only_documented_tolerated_keys():
+    from videollm.errors import CheckpointError
+    from videollm.models.base import WeightSource
+
+    model = _vl(equip_audio_branch=True)
+    state = model.state_dict()
+    fresh = _vl(equip_audio_branch=True)
+    fresh.load_state_dict(state, strict=True)  # every key of the model, nothing else
+    missing, unexpected = fresh.load_weights(dict(state), WeightSource("full.pth"), strict=True)
+    assert missing == [] and unexpected == []
+    tolerated = dict(state, **{"llama_model.model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)})
+    _, unexpected = fresh.load_weights(tolerated, WeightSource("old.pth"), strict=True)
+    assert unexpected == ["llama_model.model.layers.0.self_attn.rotary_emb.inv_freq"]
+    with pytest.raises(CheckpointError, match="not_a_key"):
+        fresh.load_weights(dict(state, not_a_key=torch.zeros(1)), WeightSource("bad.pth"), strict=True)
+    partial = {k: v for k, v in state.items() if not k.startswith("llama_proj.")}
+    with pytest.raises(CheckpointError, match="llama_proj"):
+        fresh.load_weights(partial, WeightSource("branch.pth", provides=("llama_proj.",)), strict=True)

@@ -26,7 +26,7 @@ import torch
 from videollm.errors import ConfigError, PromptError
 
 IGNORE_INDEX = -100
-IMAGE_PATCH_TOKEN = "<ImageHere>"
+from videollm.tokenizer import IMAGE_PATCH_TOKEN  # noqa: E402 - one definition
 DEFAULT_IMAGE_TOKEN = "<image>"
 INSTRUCT_MAX_LEN = 512  # the original datasets truncate instruction samples at 512 tokens
 

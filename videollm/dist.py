@@ -106,10 +106,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def barrier() -> None:
     if is_dist():
         dist.barrier()
@@ -121,14 +117,6 @@ def all_reduce_sum(value: float | int, device: torch.device | str = "cpu") -> fl
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item()
-
-
-def all_reduce_max(value: float | int, device: torch.device | str = "cpu") -> float:
-    if not is_dist():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
 

@@ -20,8 +20,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from videollm.conversation import CONV_TEMPLATES, TRAIN_TEMPLATES, Conversation, SeparatorStyle
 from videollm.errors import ConfigError
-
-IMAGE_PATCH_TOKEN = "<ImageHere>"
+from videollm.tokenizer import IMAGE_PATCH_TOKEN
 
 # The original Video-LLaMA audio+video user message. Its source line ends in "\" inside the
 # string literal, so the newline disappears and the next line's 16 spaces of indentation join the

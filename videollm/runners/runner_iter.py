@@ -530,13 +530,12 @@ class RunnerIter:
                            "; ".join(changes))
 
     def _load_model(self, model_state: Dict[str, torch.Tensor], path: Path) -> List[str]:
-        own = self.model.state_dict()
-        for key, value in model_state.items():
-            if key in own and tuple(own[key].shape) != tuple(value.shape):
-                raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model {tuple(own[key].shape)}")
-        result = self.model.load_state_dict(model_state, strict=False)
-        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        return [k for k in result.missing_keys if k in trainable]
+        """The model's one checked load path (shapes, unknown keys); returns the missing trainable keys."""
+        from videollm.models.base import WeightSource
+
+        trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
+        missing, _ = self.model.load_weights(model_state, WeightSource(str(path), provides=trainable), strict=False)
+        return [k for k in missing if k in set(trainable)]
 
     # ------------------------------------------------------------------ one iteration
     def _reduce(self, loss: torch.Tensor, num_tokens: int) -> tuple[float, float, bool]:
@@ -616,7 +615,9 @@ class RunnerIter:
             "skipped_saves": self.skipped_saves,
             "train_seconds": time.perf_counter() - start_time,
             "final_loss": next((l for l in reversed(self.losses) if l is not None), None),
+            "bad_samples": self.bad_samples.report(),
         }
+        logger.info("training done: %d iterations; bad samples over the run: %s", total, self.bad_samples.summary())
         if self.run.get("evaluate", False):
             summary["eval"] = self.evaluate()
         self.train_summary = summary
