@@ -559,7 +559,9 @@ class Batcher:
         self._backlog: Deque[Job] = deque()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self.stats = {"requests": 0, "batches": 0, "batched_rows": 0, "max_batch": 0, "streams": 0, "errors": 0}
+        self.stats: Dict[str, Any] = {"requests": 0, "batches": 0, "batched_rows": 0, "max_batch": 0, "streams": 0,
+                                      "errors": 0, "generate_s": 0.0, "prepare_s": 0.0}
+        self.recent_batches: Deque[int] = deque(maxlen=64)  # sizes of the latest batches
         self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------------------ life
@@ -644,7 +646,7 @@ class Batcher:
         return group
 
     # ------------------------------------------------------------------ answering
-    def _count(self, **deltas: int) -> None:
+    def _count(self, **deltas: float) -> None:
         with self._stats_lock:
             for k, v in deltas.items():
                 self.stats[k] += v
@@ -687,6 +689,8 @@ class Batcher:
         self._count(requests=len(group), batches=1, batched_rows=len(group))
         with self._stats_lock:
             self.stats["max_batch"] = max(self.stats["max_batch"], len(group))
+            self.recent_batches.append(len(group))
+        t0 = time.perf_counter()
         settings = group[0].settings.replace(max_new_tokens=max(j.settings.max_new_tokens for j in group))
         pending = [group]
         while pending:
@@ -705,6 +709,7 @@ class Batcher:
                 continue
             for job, (text, ids) in zip(rows, answers):
                 job.resolve(self._finish_info(job, text, ids))
+        self._count(generate_s=time.perf_counter() - t0)
 
     def _answer_stream(self, job: Job) -> None:
         self._count(requests=1, streams=1)
@@ -844,7 +849,7 @@ def create_app(chat: "Chat", cfg: ServeConfig):
     @app.get("/health")
     async def health():
         with batcher._stats_lock:
-            stats = dict(batcher.stats)
+            stats = dict(batcher.stats, recent_batches=list(batcher.recent_batches))
         return {"status": "ok", "model": cfg.model_name, "queued": batcher.queue.qsize(), **stats}
 
     @app.get("/v1/models")
@@ -883,6 +888,7 @@ def create_app(chat: "Chat", cfg: ServeConfig):
 
     def prepare(req: CompletionRequest, files: MediaFiles) -> Job:
         """In a worker thread: resolve and decode media, build the conversation and the settings."""
+        t0 = time.perf_counter()
         conv, img_list = build_conversation(chat, cfg.template, req.turns, files, with_audio=cfg.audio)
         overrides: Dict[str, Any] = {"max_new_tokens": req.max_tokens, "max_length": max_length,
                                      "do_sample": req.do_sample, "num_beams": 1}
@@ -890,8 +896,10 @@ def create_app(chat: "Chat", cfg: ServeConfig):
             overrides["temperature"] = req.temperature
             if req.top_p is not None:
                 overrides["top_p"] = req.top_p
-        return Job(req, conv, img_list, chat.generation.replace(**overrides),
-                   prompt_tokens=prompt_token_count(chat, conv, img_list))
+        job = Job(req, conv, img_list, chat.generation.replace(**overrides),
+                  prompt_tokens=prompt_token_count(chat, conv, img_list))
+        batcher._count(prepare_s=time.perf_counter() - t0)
+        return job
 
     def chunk(cid: str, delta: Dict[str, Any], finish: Optional[str] = None, usage: Any = None,
               choices: bool = True) -> str:
