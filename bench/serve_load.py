@@ -220,6 +220,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows.append(summary(f"{n} concurrent, batched", wall, conc))
         batches = after["batches"] - mid["batches"]
         rows[-1]["batches"] = batches
+        rows[-1]["batch_sizes"] = after["recent_batches"][-batches:] if batches else []
+        rows[-1]["server_generate_s"] = after["generate_s"] - mid["generate_s"]
+        rows[-1]["server_prepare_s"] = after["prepare_s"] - mid["prepare_s"]
+        rows[0]["server_generate_s"] = mid["generate_s"] - before["generate_s"]
+        rows[0]["server_prepare_s"] = mid["prepare_s"] - before["prepare_s"]
         rows[-1]["mean_batch"] = (after["batched_rows"] - mid["batched_rows"]) / max(1, batches)
         rows[0]["batches"] = mid["batches"] - before["batches"]
         rows[0]["mean_batch"] = (mid["batched_rows"] - before["batched_rows"]) / max(1, rows[0]["batches"])
@@ -249,6 +254,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + (f"; vs concurrent without batching: {rows[2]['wall_s'] / rows[1]['wall_s']:.1f}x" if len(rows) > 2 else ""))
     print(f"concurrent answers equal to the one-by-one answers: {same}/{n}")
     print(f"requests lost: {lost}")
+    for r in rows[:2]:
+        print(f"server side, {r['mode']}: generation {r['server_generate_s']:.2f} s in all, media decoding and "
+              f"prompt building {r['server_prepare_s']:.2f} s summed over requests"
+              + (f"; batch sizes {r['batch_sizes']}" if r.get("batch_sizes") else ""))
     for r in rows:
         for e in r["errors"]:
             print(f"  {r['mode']}: {e}")

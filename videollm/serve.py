@@ -32,7 +32,8 @@ Requests (the OpenAI chat-completions format):
 
 Batching: one worker thread owns the model. Non-streaming requests that use the same template
 and sampling settings are grouped: the worker waits up to ``--batch-wait-ms`` for more after the
-first (or until ``--max-batch-size``) and answers the group with one
+first (or until ``--max-batch-size``), longer (up to ``--arrival-wait-ms``) while other requests
+are still having their media decoded (a burst of clients), and answers the group with one
 :meth:`~videollm.chat.Chat.answer_batch` call (left-padded); requests that arrive while a batch
 generates form the next group. Each row keeps its own ``max_tokens`` (the group generates the
 longest and the others are cut to their own count, which greedy decoding makes identical to a
@@ -44,7 +45,8 @@ media embeddings are computed by the worker at answer time (the Chat's lazy enco
 
 ``stop`` strings cut the answer (and end a stream at once); a batched generation does not end
 early on them (it stops on the template's stop string, EOS or ``max_tokens``). ``usage`` counts
-the prompt's text tokens plus the media tokens, and the answer's tokens re-tokenised.
+the prompt's text tokens plus the media tokens, and the generated tokens (a streamed answer's
+text re-tokenised, which can differ by a token or two).
 
 Safety: the server binds to 127.0.0.1 by default; binding to any other address needs an API key
 (``--api-key`` or the ``VIDEOLLM_API_KEY`` environment variable), then checked on every
@@ -118,7 +120,9 @@ class ServeConfig:
     max_media_bytes: int = 32 * MB  # one decoded data: URL
     max_media: int = 8  # media parts per request
     max_batch_size: int = 16
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 5.0  # always waited for more after a group's first request
+    # waited longer while other requests are still having their media decoded (they are coming)
+    arrival_wait_ms: float = 200.0
     max_queue: int = 256
     max_length: int = 2000  # context: prompt + new tokens (capped by the LLM's positions)
     default_max_tokens: int = 256
@@ -563,6 +567,11 @@ class Batcher:
                                       "errors": 0, "generate_s": 0.0, "prepare_s": 0.0}
         self.recent_batches: Deque[int] = deque(maxlen=64)  # sizes of the latest batches
         self._stats_lock = threading.Lock()
+        self._preparing = 0  # requests whose media are being decoded: they will join the queue soon
+
+    def preparing(self, delta: int) -> None:
+        with self._stats_lock:
+            self._preparing += delta
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
@@ -630,16 +639,25 @@ class Batcher:
             return []
         if head.request.stream:
             return [self._backlog.popleft()]
-        deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000.0
+        start = time.monotonic()
+        deadline = start + self.cfg.batch_wait_ms / 1000.0
+        arrivals_deadline = start + max(self.cfg.batch_wait_ms, self.cfg.arrival_wait_ms) / 1000.0
         limit = max(1, self.cfg.max_batch_size)
         while True:
             while self._take(0):  # everything already waiting
                 pass
             group = [j for j in self._backlog if not j.request.stream and not j.cancel.is_set() and j.key == head.key]
-            remaining = deadline - time.monotonic()
-            if len(group) >= limit or remaining <= 0 or self._stop.is_set():
+            now = time.monotonic()
+            if len(group) >= limit or self._stop.is_set():
                 break
-            self._take(remaining)
+            if now >= deadline:
+                # past the short window: wait on only while requests are being prepared (a burst
+                # of clients whose media are still decoding), and not past the arrival window
+                if self._preparing <= 0 or now >= arrivals_deadline:
+                    break
+                self._take(min(0.005, arrivals_deadline - now))
+                continue
+            self._take(deadline - now)
         group = group[:limit]
         chosen = {id(j) for j in group}
         self._backlog = deque(j for j in self._backlog if id(j) not in chosen)
@@ -675,9 +693,15 @@ class Batcher:
             if not stopped and len(ids) >= max_new:
                 finish = "length"
         text, cut = _cut_at_stops(text, job.request.stop)
-        completion = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
-        if ids is None and not cut and completion >= max_new:
-            finish = "length"
+        if ids is not None:  # the generated ids, without the padding of a row that ended early
+            pad = tok.pad_token_id
+            completion = len(ids)
+            while completion > 0 and pad is not None and ids[completion - 1] == pad and finish == "stop":
+                completion -= 1
+        else:  # streamed: the answer's text re-tokenised
+            completion = min(len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0, max_new)
+            if not cut and completion >= max_new:
+                finish = "length"
         if cut:
             finish = "stop"
         prompt = job.prompt_tokens
@@ -946,6 +970,8 @@ def create_app(chat: "Chat", cfg: ServeConfig):
         req = parse_request(await read_body(request), cfg)
         files = MediaFiles(cfg)
         streaming = False
+        batcher.preparing(+1)
+        submitted = False
         try:
             try:
                 job = await anyio.to_thread.run_sync(prepare, req, files, limiter=state["limiter"])
@@ -956,10 +982,13 @@ def create_app(chat: "Chat", cfg: ServeConfig):
             if req.stream:
                 job.events = asyncio.Queue()
                 batcher.submit(job)
-                streaming = True
+                batcher.preparing(-1)
+                submitted = streaming = True
                 return StreamingResponse(sse(job, files, cid), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             batcher.submit(job)
+            batcher.preparing(-1)
+            submitted = True
             try:
                 info = await asyncio.wait_for(asyncio.wrap_future(job.future), cfg.request_timeout)
             except asyncio.TimeoutError:
@@ -978,6 +1007,8 @@ def create_app(chat: "Chat", cfg: ServeConfig):
                 "usage": info["usage"],
             })
         finally:
+            if not submitted:
+                batcher.preparing(-1)
             if not streaming:
                 files.close()
 
@@ -1058,7 +1089,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     lim.add_argument("--max-media-mb", type=float, default=d.max_media_bytes / MB, help="per data: URL")
     lim.add_argument("--max-media", type=int, default=d.max_media, help="media parts per request")
     lim.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="1 turns batching off")
-    lim.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
+    lim.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                     help="wait this long for more requests after a group's first")
+    lim.add_argument("--arrival-wait-ms", type=float, default=d.arrival_wait_ms,
+                     help="wait up to this long while other requests are still decoding their media")
     lim.add_argument("--max-queue", type=int, default=d.max_queue)
     lim.add_argument("--max-length", type=int, default=d.max_length, help="context limit: prompt + new tokens")
     lim.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
@@ -1069,8 +1103,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  "default_max_tokens", "max_tokens_limit", "request_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.batch_wait_ms < 0:
-        parser.error("--batch-wait-ms must be >= 0")
+    if args.batch_wait_ms < 0 or args.arrival_wait_ms < 0:
+        parser.error("--batch-wait-ms and --arrival-wait-ms must be >= 0")
     if args.media_root is not None and not os.path.isdir(args.media_root):
         parser.error(f"--media-root {args.media_root}: not a folder")
     return args
@@ -1098,6 +1132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model_name=name, template=template, media_root=args.media_root, api_key=args.api_key,
         max_body_bytes=int(args.max_body_mb * MB), max_media_bytes=int(args.max_media_mb * MB),
         max_media=args.max_media, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+        arrival_wait_ms=args.arrival_wait_ms,
         max_queue=args.max_queue, max_length=args.max_length, default_max_tokens=args.default_max_tokens,
         max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout, audio=args.audio,
     )
