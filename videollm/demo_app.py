@@ -310,25 +310,28 @@ def _media_path(value: Any) -> Optional[str]:
 # The app
 
 
-def _path_image_class():
-    """``gr.Image`` that hands the uploaded file's path to the handler WITHOUT decoding it.
+def _path_image(**kwargs):
+    """A ``gr.Image`` that hands the uploaded file's path to the handler WITHOUT decoding it.
 
     gradio's own ``Image.preprocess`` opens the file with PIL, so a corrupt image fails inside
     gradio, before our handler, and the user sees an error toast instead of a chat message.
-    Here decoding happens in the Chat (ImageDecodeError -> chat message). ``is_template`` makes
-    gradio use the stock image widget in the browser.
+    Here decoding happens in the Chat (ImageDecodeError -> chat message). The instance's
+    ``preprocess`` is replaced (not a subclass: a gradio component subclass writes a ``.pyi``
+    stub into the package at run time), so the browser keeps the stock image widget.
     """
+    import types
+
     import gradio as gr
 
-    class PathImage(gr.Image):
-        is_template = True
+    image = gr.Image(**kwargs)
 
-        def preprocess(self, payload):
-            if payload is None:
-                return None
-            return getattr(payload, "path", None)
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        return getattr(payload, "path", None)
 
-    return PathImage
+    image.preprocess = types.MethodType(preprocess, image)
+    return image
 
 
 def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
@@ -479,7 +482,7 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
         with gr.Row():
             with gr.Column(scale=1):
                 video = gr.Video(label="Video", sources=["upload"], elem_id="video_input")
-                image = _path_image_class()(type="filepath", label="Image", sources=["upload"], elem_id="image_input")
+                image = _path_image(type="filepath", label="Image", sources=["upload"], elem_id="image_input")
                 gr.Markdown(EXAMPLES_NOTE)
                 upload_button = gr.Button(value="Upload & Start Chat", interactive=True, variant="primary", elem_id="upload_button")
                 clear = gr.Button("Restart", elem_id="restart_button")

@@ -28,6 +28,12 @@ What a model provides:
   summary), ``place(device)``, ``set_autocast_dtype(dtype)``.
 * Chat media loading: ``load_media(path_or_image, kind)`` -> :class:`Media` with the model's
   own frame sampling and transforms.
+* Optional, for the frozen-encoder feature cache (:mod:`videollm.feature_cache`):
+  ``frozen_front_prefixes`` (the parameters of the frozen front, e.g. ViT + Q-Former),
+  ``frozen_front(media)`` (pixels -> the front's outputs), ``frozen_fingerprint()`` (what
+  produced them), and accepting those outputs in place of pixels: ``Media("features", ...)`` in
+  ``encode_media`` and batches marked ``batch[FEATURES_KEY] = True`` in ``forward`` /
+  ``generation_inputs``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from videollm.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Batch key: True when the batch's media tensor holds the frozen front's outputs (a feature cache).
+FEATURES_KEY = "frozen_features"
 MEDIA_KINDS = ("video", "image", "audio", "audio_video", "features")
 
 
@@ -193,6 +201,37 @@ class VideoLLM(nn.Module):
     def load_media(self, source: Any, kind: str, *, timeout: Optional[float] = 30.0) -> Media:
         """A file path (or PIL image / tensor for images) -> :class:`Media` processed for this model."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ frozen front (feature cache)
+    # Parameter-name prefixes of the frozen front whose outputs a feature cache stores; empty: none.
+    frozen_front_prefixes: ClassVar[Tuple[str, ...]] = ()
+
+    def frozen_front(self, media: Sequence[Media]) -> List[torch.Tensor]:
+        """Processed media -> the frozen front's outputs, one tensor per medium (no gradients),
+        which ``encode_media`` takes back as ``Media("features", ...)``."""
+        raise NotImplementedError(
+            f"{self.arch or type(self).__name__}: this model has no cacheable frozen front; implement "
+            "frozen_front_prefixes, frozen_front(media), frozen_fingerprint() and accept Media('features') "
+            "in encode_media (see videollm/feature_cache.py)")
+
+    def frozen_fingerprint(self) -> Dict[str, Any]:
+        """What makes the frozen front's outputs: {"arch", "weights" (a hash), config values}.
+        A feature cache records it and refuses to serve a model whose fingerprint differs."""
+        raise NotImplementedError(
+            f"{self.arch or type(self).__name__}: no frozen_fingerprint(); this model cannot use a feature cache")
+
+    def weights_fingerprint(self, prefixes: Sequence[str]) -> str:
+        """A hash of the parameters and buffers under ``prefixes`` (names, dtypes, shapes, bytes)."""
+        import hashlib
+
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(self.state_dict().items()):
+            if not _matches(name, prefixes):
+                continue
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------ training
     def batch_processor(self):

@@ -45,7 +45,7 @@ from torch import nn
 
 from videollm.datasets.bad_samples import BadInput
 from videollm.errors import CheckpointError, ConfigError, PromptError
-from videollm.models.base import Media, FreezePlan, VideoLLM, WeightSource
+from videollm.models.base import FEATURES_KEY, Media, FreezePlan, VideoLLM, WeightSource
 from videollm.models.eva_vit import FP32LayerNorm, convert_weights_to_fp16, create_eva_vit_g, load_eva_vit_weights
 from videollm.models.merge import MergedInputs, Segment, merge_segments, segments_from_ids, segments_from_prompt
 from videollm.models.qformer import build_qformer
@@ -429,18 +429,22 @@ class VideoLLAMA(VideoLLM):
             encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device),
         )
 
-    def encode_videoQformer_visual(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Video (B, 3, T, H, W) -> LLM inputs (B, num_video_query_token, H_llm) and mask (B, Qv)."""
+    def encode_videoQformer_visual(self, image: torch.Tensor, features: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Video (B, 3, T, H, W) -> LLM inputs (B, num_video_query_token, H_llm) and mask (B, Qv).
+        ``features``: ``image`` is the frozen front's output (B, T, Q, H) (:meth:`frozen_front`)."""
         device = image.device
-        batch, _, frames, height, width = image.shape
+        batch, frames = image.shape[:2] if features else (image.shape[0], image.shape[2])
         if frames > self.video_frame_position_embedding.num_embeddings:
             raise PromptError(
                 f"video has {frames} frames but max_frame_pos is "
                 f"{self.video_frame_position_embedding.num_embeddings}; sample fewer frames"
             )
-        x = image.permute(0, 2, 1, 3, 4).reshape(batch * frames, -1, height, width)
         with self.maybe_autocast(device):
-            q_hidden = self.encode_frames(x)  # (B*T, Q, H)
+            if features:
+                q_hidden = image.reshape(batch * frames, *image.shape[2:])
+            else:
+                x = image.permute(0, 2, 1, 3, 4).reshape(batch * frames, -1, image.shape[3], image.shape[4])
+                q_hidden = self.encode_frames(x)  # (B*T, Q, H)
             positions = torch.arange(frames, dtype=torch.long, device=device).unsqueeze(0).expand(batch, -1)
             frame_pos = self.video_frame_position_embedding(positions).unsqueeze(-2)  # (B, T, 1, H)
             frame_hidden = q_hidden.reshape(batch, frames, q_hidden.shape[1], q_hidden.shape[2]) + frame_pos
@@ -476,8 +480,15 @@ class VideoLLAMA(VideoLLM):
             inputs_llama = self.audio_llama_proj(hidden)
         return inputs_llama, torch.ones(inputs_llama.shape[:-1], dtype=torch.long, device=device)
 
-    def encode_visual_for_training(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """The branch chosen by ``train_flag``: returns (embeds, mask, number of tokens)."""
+    def encode_visual_for_training(self, image: torch.Tensor, features: bool = False) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """The branch chosen by ``train_flag``: returns (embeds, mask, number of tokens).
+        ``features``: ``image`` holds the frozen front's outputs (B, T, Q, H)."""
+        if features:
+            if self.train_flag == 1:
+                raise ConfigError("cached features feed the video branch; train_flag 1 (frozen_video_Qformer true, "
+                                  "frozen_audio_Qformer false) trains the audio branch on frames: use the raw data")
+            embeds, atts = self.encode_videoQformer_visual(image, features=True)
+            return embeds, atts, self.num_video_query_token
         if image.dim() == 4:  # images are one-frame videos
             image = image.unsqueeze(2)
         if self.train_flag == 1:
@@ -502,16 +513,43 @@ class VideoLLAMA(VideoLLM):
                 emb, _ = self.encode_videoQformer_visual(data.unsqueeze(0))
             elif m.kind == "image":
                 emb, _ = self.encode_videoQformer_visual(data.unsqueeze(0).unsqueeze(2))
+            elif m.kind == "features":  # frozen_front's output (T, Q, H)
+                emb, _ = self.encode_videoQformer_visual(data.unsqueeze(0), features=True)
             else:
                 raise PromptError(f"Video-LLaMA cannot encode media of kind {m.kind!r}")
             out.append(emb[0])
         return out
 
+    # The frozen front a feature cache stores: ViT + ln_vision + image Q-Former, per frame.
+    frozen_front_prefixes = ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens")
+
+    @torch.no_grad()
+    def frozen_front(self, media: Sequence[Media]) -> List[torch.Tensor]:
+        """Video (3, T, H, W) / image (3, H, W, one frame) -> the image Q-Former's output per frame
+        (T, Q, H_q), what :meth:`encode_videoQformer_visual` adds the frame positions to."""
+        out: List[torch.Tensor] = []
+        for m in media:
+            if m.kind not in ("video", "image"):
+                raise PromptError(f"Video-LLaMA's frozen front takes video or image media, not {m.kind!r}")
+            data = m.data.to(self.device)
+            frames = data.unsqueeze(1) if m.kind == "image" else data  # (3, T, H, W)
+            with self.maybe_autocast(self.device):
+                out.append(self.encode_frames(frames.permute(1, 0, 2, 3)))
+        return out
+
+    def frozen_fingerprint(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        return {"arch": self.arch, "weights": self.weights_fingerprint(self.frozen_front_prefixes),
+                "image_size": int(cfg.image_size), "vit_precision": cfg.vit_precision,
+                "num_query_token": int(cfg.num_query_token), "vit": dict(cfg.vit), "qformer": dict(cfg.qformer)}
+
     def load_media(self, source: Any, kind: str, *, timeout: Optional[float] = 30.0, n_frms: int = 8,
-                   vis_processor: Any = None, image_processor: Any = None, **options: Any) -> Media:
+                   vis_processor: Any = None, image_processor: Any = None, isolate: bool = True,
+                   **options: Any) -> Media:
         """The original chat's media processing: 8 frames (``n_frms``), uniform, resized by the
         decoder to the model's image size then ``alpro_video_eval``; images ``blip2_image_eval``;
-        audio: 8 clips of ImageBind's Kaldi fbank. Errors name the file."""
+        audio: 8 clips of ImageBind's Kaldi fbank. Errors name the file. ``isolate``: decode
+        video and audio in a child process that the timeout really stops (untrusted uploads)."""
         from omegaconf import OmegaConf
 
         size = int(self.cfg.image_size)
@@ -522,7 +560,7 @@ class VideoLLAMA(VideoLLM):
                 vis_processor = registry.get_processor_class("alpro_video_eval").from_config(
                     OmegaConf.create({"image_size": size, "n_frms": n_frms}))
             video, msg = load_video(source, n_frms=n_frms, height=size, width=size, sampling="uniform",
-                                    return_msg=True, timeout=timeout, **options)
+                                    return_msg=True, timeout=timeout, isolate=isolate, **options)
             return Media("video", vis_processor.transform(video), {"path": str(source), "msg": msg})
         if kind == "image":
             from videollm.processors.image_processors import load_image
@@ -534,13 +572,16 @@ class VideoLLAMA(VideoLLM):
                     OmegaConf.create({"image_size": size}))
             return Media("image", image_processor(load_image(source, **options)), {"path": str(source)})
         if kind == "audio":
-            from videollm.processors.audio import load_and_transform_audio
-            from videollm.processors.video_loader import run_with_timeout
             from videollm.errors import AudioDecodeError, VideoDecodeError
+            from videollm.processors.audio import load_and_transform_audio
+            from videollm.processors.video_loader import run_isolated, run_with_timeout
 
             try:
-                audio = run_with_timeout(lambda: load_and_transform_audio(source, clips_per_video=8), timeout,
-                                         str(source))
+                if isolate:  # numpy crosses the process boundary by value (a tensor would go by shared fd)
+                    audio = torch.from_numpy(run_isolated(_audio_array, str(source), timeout=timeout, what=str(source)))
+                else:
+                    audio = run_with_timeout(lambda: load_and_transform_audio(source, clips_per_video=8), timeout,
+                                             str(source))
             except VideoDecodeError as exc:  # the timeout helper's error type
                 if isinstance(exc, AudioDecodeError):
                     raise
@@ -595,7 +636,7 @@ class VideoLLAMA(VideoLLM):
     def caption_inputs(self, samples: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """The caption path's LLM inputs: [BOS] + wrapped visual tokens + caption + end_sym."""
         image = samples["image"]
-        img_embeds, _, _ = self.encode_visual_for_training(image)
+        img_embeds, _, _ = self.encode_visual_for_training(image, bool(samples.get(FEATURES_KEY)))
         # One prompt for the whole batch, drawn with Python's random (the original's rule).
         prompt = random.choice(self.prompt_list) if self.prompt_list else ""
         wrapped = self._wrap_segments(img_embeds, prompt)
@@ -615,7 +656,7 @@ class VideoLLAMA(VideoLLM):
         """The instruction path: each sample's run of ``<ImageHere>`` ids becomes its visual tokens."""
         image = samples["images"]
         input_ids = samples["input_ids"]
-        img_embeds, _, num_patch_tokens = self.encode_visual_for_training(image)
+        img_embeds, _, num_patch_tokens = self.encode_visual_for_training(image, bool(samples.get(FEATURES_KEY)))
         rows = []
         for i, cur_ids in enumerate(input_ids):
             positions = torch.where(cur_ids == self.IMAGE_PATCH_TOKEN_ID)[0]
@@ -661,9 +702,10 @@ class VideoLLAMA(VideoLLM):
         """The caption path's prompt for evaluation: [BOS] + wrapped visual tokens of ``batch["image"]``
         ((B, 3, T, H, W); images (B, 3, H, W) are one-frame videos) -> (inputs_embeds, mask)."""
         video = batch["image"].to(self.device)
-        if video.dim() == 4:
+        features = bool(batch.get(FEATURES_KEY))
+        if video.dim() == 4 and not features:
             video = video.unsqueeze(2)
-        embeds, _ = self.encode_videoQformer_visual(video)
+        embeds, _ = self.encode_videoQformer_visual(video, features)
         bos = Segment(ids=torch.tensor([self.llama_tokenizer.bos_token_id]))
         wrapped = self._wrap_segments(embeds, self.prompt_list[0] if self.prompt_list else "")
         merged = self._merge([[bos, *w] for w in wrapped], padding_side="left")
@@ -679,6 +721,13 @@ class VideoLLAMA(VideoLLM):
     def from_config(cls, cfg) -> "VideoLLAMA":
         """Build from an OmegaConf node (or dict); unknown keys raise ConfigError."""
         return super().from_config(cfg)
+
+
+def _audio_array(path: str):
+    """ImageBind audio input of ``path`` as a numpy array (run in a child process by ``load_media``)."""
+    from videollm.processors.audio import load_and_transform_audio
+
+    return load_and_transform_audio(path, clips_per_video=8).numpy()
 
 
 class VideoLLaMAProcessor:
@@ -759,4 +808,6 @@ class VideoLLaMAProcessor:
         out = collate_instruct([s for _, s in good], self.tokenizer.pad_token_id)
         out["bad_samples"] = bad
         out["num_samples"] = len(good)
+        if batch.get(FEATURES_KEY):
+            out[FEATURES_KEY] = True
         return out
