@@ -13,12 +13,14 @@ OUT := output/tiny_synthetic
 .PHONY: setup sysdeps test test-fast demo data train-tiny bench clean
 
 $(STAMP): pyproject.toml
-	@(command -v ffmpeg && command -v chromium) >/dev/null 2>&1 || $(MAKE) sysdeps
+	@(command -v ffmpeg && command -v chromium && command -v java) >/dev/null 2>&1 || $(MAKE) sysdeps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch 2.13 first (a local wheel here); GPU users install their own torch.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# lmms-eval without its declared dependencies (torchvision, timm); the dev extra has what it imports
+	$(PY) -m pip install -q --no-deps "lmms-eval==0.7.3"
 	$(PY) -m pip install -q "torchcodec==0.13.0" || echo "torchcodec unavailable: the decord and PyAV backends remain"
 	touch $(STAMP)
 
@@ -26,9 +28,9 @@ setup: $(STAMP)
 
 sysdeps:
 	@if [ "$$(id -u)" = "0" ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg chromium >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg chromium default-jre-headless >/dev/null; \
 	else \
-		echo "ffmpeg/chromium missing: install them with your package manager (apt-get install ffmpeg chromium)"; \
+		echo "ffmpeg/chromium missing: install them with your package manager (apt-get install ffmpeg chromium default-jre-headless)"; \
 	fi
 
 test: $(STAMP)

@@ -1,0 +1,1 @@
+"""Integrations with other evaluation tools (lmms-eval: :mod:`videollm.integrations.lmms_eval`)."""
