@@ -427,3 +427,42 @@ def test_parse_request_defaults():
                                     "max_completion_tokens": 5, "temperature": 0.7}).encode(),
                         ServeConfig(model_name="m"))
     assert req.max_tokens == 5 and req.do_sample
+
+
+# --------------------------------------------------------------------------------------------- failures
+
+
+def test_a_failing_generation_is_a_500_error_object_and_the_next_request_is_served(http, chat, media, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    messages = [video_message(media["clips"][0].as_uri(), "Q?")]
+    with monkeypatch.context() as m:
+        m.setattr(chat, "answer_batch", broken)
+        assert_error(http.post("/v1/chat/completions", json=body(messages)), 500, "internal_error", "RuntimeError")
+    assert http.post("/v1/chat/completions", json=body(messages)).status_code == 200
+
+
+def test_a_stream_that_fails_midway_ends_with_an_error_event(server, chat, media, monkeypatch):
+    from openai import APIError, OpenAI
+
+    def half(*args, **kwargs):
+        yield "A red"
+        raise RuntimeError("decoder fault (simulated)")
+
+    monkeypatch.setattr(chat, "stream_answer", half)
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=30, max_retries=0)
+    got = []
+    with pytest.raises(APIError, match="RuntimeError"):
+        for c in client.chat.completions.create(model="tiny", stream=True, max_tokens=8,
+                                                messages=[video_message(media["clips"][0].as_uri(), "Q?")]):
+            got.append(c.choices[0].delta.content or "")
+    assert "".join(got) == "A red"
+
+
+def test_a_request_past_its_timeout_gets_a_504(chat, media):
+    app = create_app(chat, ServeConfig(media_root=str(media["root"]), request_timeout=0.01, **SERVE))
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        r = client.post("/v1/chat/completions", json=body([video_message(media["clips"][0].as_uri(), "Q?")],
+                                                          max_tokens=100))
+        assert_error(r, 504, "timeout", "no answer within")

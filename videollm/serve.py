@@ -822,6 +822,12 @@ def create_app(chat: "Chat", cfg: ServeConfig):
     @asynccontextmanager
     async def lifespan(app):
         state["limiter"] = anyio.CapacityLimiter(max(1, cfg.prepare_workers))
+        try:  # untrusted media decode in child processes: start their process server now, not on a request
+            from videollm.processors.video_loader import warm_up_isolation
+
+            logger.info("decoding process server ready in %.1f s", await anyio.to_thread.run_sync(warm_up_isolation))
+        except Exception as exc:  # noqa: BLE001 - decodes still work, the first one just starts it
+            logger.warning("could not start the decoding process server early: %s", exc)
         batcher.start()
         try:
             yield
