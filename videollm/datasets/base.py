@@ -52,7 +52,9 @@ class DatasetConfig:
     probability proportional to it). ``max_pixels``: frames or images with more pixels are
     refused from their header (None: no limit). ``allow_outside_root``: media paths in the
     annotations may leave the dataset's root (``../``, absolute paths); off by default, such
-    entries are counted ``outside_root`` bad samples.
+    entries are counted ``outside_root`` bad samples. ``feature_cache``: a folder written by
+    ``python -m videollm.features cache``; the dataset then yields the model's frozen-front
+    outputs from it instead of decoding (see :mod:`videollm.feature_cache`).
     """
 
     data_type: str = "video"
@@ -62,6 +64,7 @@ class DatasetConfig:
     text_processor: Dict[str, Any] = field(default_factory=dict)
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     allow_outside_root: bool = False
+    feature_cache: str = ""
     build_info: BuildInfo = field(default_factory=BuildInfo)
 
 
@@ -191,6 +194,10 @@ def build_datasets_from_config(datasets_cfg: DictConfig) -> Dict[str, Dict[str, 
         builder_cls = registry.get_builder_class(str(name))
         builder = builder_cls.from_config(datasets_cfg[name])
         out[str(name)] = builder.build_datasets()
+        if getattr(builder.config, "feature_cache", ""):
+            from videollm.feature_cache import wrap_cached
+
+            out[str(name)] = wrap_cached(str(name), out[str(name)], datasets_cfg[name], builder.config.feature_cache)
         sizes = {s: (len(d) if hasattr(d, "__len__") else "stream") for s, d in out[str(name)].items()}
         logger.info("dataset %s: %s", name, sizes)
     return out

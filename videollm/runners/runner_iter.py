@@ -200,6 +200,9 @@ class RunnerIter:
         elif self.dist.distributed:
             self._setup_ddp()
 
+        from videollm.feature_cache import check_feature_caches
+
+        check_feature_caches(self.model, self.datasets, self.run)  # cached datasets: made by this model?
         self.train_loader = train_loader if train_loader is not None else self._build_loader()
         from videollm.datasets import BadSampleTracker
 
