@@ -21,6 +21,10 @@ e.g. ``videollm/configs/models/video_llama_tiny.yaml`` for the tiny random encod
 seeded by ``--seed``). Videos that cannot be decoded are named in the log and the manifest and
 skipped; the exit status is 1 when any failed.
 
+``cache``: the frozen-encoder feature cache of a recipe (``--cfg-path train_configs/X.yaml --out
+DIR``): the configured model's frozen front over every dataset of the recipe, in safetensors
+shards with an index, resumable, sharded over torchrun ranks; see :mod:`videollm.feature_cache`.
+
 The "other" features of LLMVA-GEBC (InternVideo, Omnivore, CLIP) come from their own
 extractors; the ``gebc`` dataset reads them as ``<folder>/<video id>.pkl`` holding a NumPy array
 (t, d).
@@ -223,6 +227,14 @@ def _run_gebc_qformer(args: argparse.Namespace) -> int:
                                     device=args.device, timeout=args.timeout, skip_existing=args.skip_existing)
     print(f"{len(manifest['videos'])} videos -> {args.out} ({len(manifest['failed'])} failed)")
     return 1 if manifest["failed"] else 0
+
+
+@add_subcommand("cache")
+def _cache_parser(p: argparse.ArgumentParser) -> None:
+    """Frozen-encoder feature cache of a recipe's datasets (see videollm.feature_cache)."""
+    from videollm.feature_cache import add_cache_arguments
+
+    add_cache_arguments(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
