@@ -94,28 +94,43 @@ def split_gt(annotation: Mapping[str, Sequence[Mapping[str, Any]]]) -> Dict[str,
     return out
 
 
-def evaluate_on_caption(pred: Mapping[str, List[str]], gt: Mapping[str, List[str]], *,
-                        use_spice: Optional[bool] = None) -> Dict[str, Optional[float]]:
-    """One caption type: {"ROUGE_L", "CIDEr", "SPICE"} (SPICE None when unavailable)."""
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    require_java()
+def _check_keys(pred: Mapping[str, List[str]], gt: Mapping[str, List[str]], ctype: str) -> None:
     missing = sorted(set(gt) - set(pred))
     extra = sorted(set(pred) - set(gt))
     if missing or extra:
-        raise DataError(f"GEBC metrics: {len(missing)} boundaries without a prediction (e.g. {missing[:3]}) and "
-                        f"{len(extra)} predictions for unknown boundaries (e.g. {extra[:3]}); the metrics need "
+        raise DataError(f"GEBC metrics ({ctype}): {len(missing)} boundaries without a prediction (e.g. {missing[:3]}) "
+                        f"and {len(extra)} predictions for unknown boundaries (e.g. {extra[:3]}); the metrics need "
                         "exactly one caption per boundary and type")
-    keys = list(gt)
-    tok = PTBTokenizer()
-    gts = tok.tokenize({k: [{"caption": c} for c in gt[k]] for k in keys})
-    res = tok.tokenize({k: [{"caption": c} for c in pred[k]] for k in keys})
+
+
+def ptb_tokenize(groups: Mapping[str, Mapping[str, List[str]]]) -> Dict[str, Dict[str, List[str]]]:
+    """PTB-tokenise several {key: [caption]} dicts in ONE Java run (the tokenisation of a caption does
+    not depend on the others, so this equals tokenising each dict on its own, as the original)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    require_java()
+    flat = {f"{g}\x00{k}": [{"caption": c} for c in caps] for g, d in groups.items() for k, caps in d.items()}
+    done = PTBTokenizer().tokenize(flat) if flat else {}
+    out: Dict[str, Dict[str, List[str]]] = {g: {} for g in groups}
+    for key, caps in done.items():
+        g, k = key.split("\x00", 1)
+        out[g][k] = caps
+    return out
+
+
+def score_tokenized(gts: Mapping[str, List[str]], res: Mapping[str, List[str]], *,
+                    use_spice: Optional[bool] = None) -> Dict[str, Optional[float]]:
+    """One caption type, PTB-tokenised: {"ROUGE_L", "CIDEr", "SPICE"} (SPICE None when unavailable)."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    keys = list(gts)
+    gts = {k: gts[k] for k in keys}
+    res = {k: res[k] for k in keys}
     result: Dict[str, Optional[float]] = {}
     result["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     result["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    available, why = spice_status() if use_spice is None else (use_spice, "disabled")
+    available = spice_status()[0] if use_spice is None else use_spice
     if available:
         from pycocoevalcap.spice.spice import Spice
 
@@ -125,11 +140,22 @@ def evaluate_on_caption(pred: Mapping[str, List[str]], gt: Mapping[str, List[str
     return result
 
 
+def evaluate_on_caption(pred: Mapping[str, List[str]], gt: Mapping[str, List[str]], *,
+                        use_spice: Optional[bool] = None) -> Dict[str, Optional[float]]:
+    """One caption type from raw captions (the original's ``evaluate_on_caption``)."""
+    _check_keys(pred, gt, "captions")
+    tok = ptb_tokenize({"gts": gt, "res": pred})
+    return score_tokenized(tok["gts"], tok["res"], use_spice=use_spice)
+
+
 def gebc_captioning_eval(predictions: Sequence[Mapping[str, Any]], gt: Mapping[str, Mapping[str, List[str]]], *,
                          use_spice: Optional[bool] = None) -> Dict[str, Any]:
     """The original's ``gebc_captioning_eval`` on in-memory predictions and ``split_gt`` output."""
     pred = split_pred(predictions)
-    per_type = {t: evaluate_on_caption(pred[t], gt[t], use_spice=use_spice) for t in CAPTION_TYPES}
+    for t in CAPTION_TYPES:
+        _check_keys(pred[t], gt[t], t)
+    tok = ptb_tokenize({**{f"gts/{t}": gt[t] for t in CAPTION_TYPES}, **{f"res/{t}": pred[t] for t in CAPTION_TYPES}})
+    per_type = {t: score_tokenized(tok[f"gts/{t}"], tok[f"res/{t}"], use_spice=use_spice) for t in CAPTION_TYPES}
     spice_ok = all(per_type[t]["SPICE"] is not None for t in CAPTION_TYPES)
     scores: Dict[str, Any] = {}
     for t in CAPTION_TYPES:

@@ -231,6 +231,13 @@ class LLMVAGEBC(VideoLLM):
         stage-1 projection into Vicuna) is dropped; a GEBC checkpoint's other keys load too."""
         return WeightSource(path, provides=VIDEO_LLAMA_KEYS, drop=("llama_proj.",))
 
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The LAVIS checkpoint's ``model``: trainable parameters and buffers. Frozen tensors are left
+        out under every name they have: OPT ties ``lm_head.weight`` to ``embed_tokens.weight``, and
+        ``named_parameters`` lists only one of the two names."""
+        frozen = {id(p) for p in self.parameters() if not p.requires_grad}
+        return {k: v.detach() for k, v in self.state_dict(keep_vars=True).items() if id(v) not in frozen}
+
     def freeze_plan(self) -> FreezePlan:
         """OPT frozen; ``opt_proj`` per ``frozen_opt_proj``; everything else trains."""
         plan = FreezePlan()
