@@ -280,3 +280,23 @@ def test_trainable_state_dict_roundtrip_in_lavis_layout(tmp_path):
     m2 = tiny_model(freeze_llm=True, ckpt=str(path))
     for k, v in sd.items():
         assert torch.equal(m2.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("path", ["train_configs/llmva_gebc_opt13b.yaml", "eval_configs/llmva_gebc_opt13b_eval.yaml",
+                                  "train_configs/llmva_gebc_tiny_synthetic.yaml", "eval_configs/llmva_gebc_tiny_synthetic.yaml"])
+def test_recipes_validate(path):
+    from pathlib import Path
+
+    from videollm.config import load_config
+    from videollm.registry import import_all
+
+    import_all()
+    cfg = load_config(Path(__file__).resolve().parents[1] / path)
+    assert cfg.model.arch == "llmva_gebc" and cfg.run.task == "boundary_captioning"
+    if "opt13b" in path:  # the original's final settings
+        assert (cfg.model.num_other_feat_query_token, cfg.model.other_feat_total_size, cfg.model.max_txt_len) == (8, 3072, 30)
+        assert (cfg.model.num_beams, cfg.model.max_len, cfg.model.min_len) == (2, 30, 1)
+    if path.startswith("train_configs/llmva_gebc_opt13b"):
+        r = cfg.run
+        assert (r.init_lr, r.min_lr, r.warmup_lr, r.warmup_steps, r.max_epoch, r.batch_size_train) == (8e-5, 1e-5, 1e-6, 5000, 5, 16)
+        assert cfg.model.ckpt.endswith("pretrain-vicuna13b.pth")

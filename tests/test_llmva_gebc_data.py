@@ -232,3 +232,37 @@ def test_feature_cli_writes_qformer_tokens(tmp_path):
     with torch.no_grad():
         want = enc(clip.permute(1, 0, 2, 3)).numpy()
     np.testing.assert_allclose(arr, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the tiny recipe
+@pytest.mark.slow
+def test_tiny_recipe_end_to_end(tmp_path, monkeypatch):
+    """Synthetic boundaries -> features -> 4 training iterations -> beam-search evaluation, result
+    files, submission, and a checkpoint in the LAVIS layout that model.ckpt loads back."""
+    import train as train_script
+    from videollm import features
+    from videollm.gebc_synthetic import generate
+
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "data" / "gebc_synthetic"
+    counts = generate(str(data), num_videos=6, seed=1)
+    assert counts["val"] >= 1 and counts["test"] >= 1
+    assert features.main(["gebc-qformer", "--videos", str(data / "videos"), "--out", str(data / "features" / "qformer"),
+                          "--n-frms", "12", "--encoder-config", str(repo / "videollm/configs/models/llmva_gebc_tiny_encoder.yaml"),
+                          "--device", "cpu"]) == 0
+    monkeypatch.chdir(tmp_path)  # the recipe's paths are relative to the working directory
+    out = tmp_path / "out"
+    summary = train_script.main(["--cfg-path", str(repo / "train_configs/llmva_gebc_tiny_synthetic.yaml"), "--options",
+                                 "run.max_epoch=1", "run.iters_per_epoch=4", "run.warmup_steps=1", f"run.output_dir={out}",
+                                 "run.batch_size_train=4"])
+    val = summary["eval"]["gebc/val"]["metrics"]
+    assert val["num_boundaries"] == counts["val"] and val["missing_predictions"] == 0
+    assert val["spice"].startswith(("unavailable", "computed")) and val["mean_ROUGE_L"] is not None
+    preds = json.loads((out / "result" / "val.json").read_text())
+    assert len(preds) == 3 * counts["val"] and {p["type"] for p in preds} == {"subject", "status_before", "status_after"}
+    with open(out / "result" / "submit_test.pkl", "rb") as f:
+        sub = pickle.load(f)
+    assert len(sub) == counts["test"] and all(set(v) == {"Subject", "Status_Before", "Status_After"} for v in sub.values())
+    ckpt = torch.load(out / "checkpoint_0.pth", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "config", "scaler", "epoch"} <= set(ckpt)
+    assert "opt_proj.weight" in ckpt["model"] and "other_feat_Qformer.bert.embeddings.position_ids" in ckpt["model"]
