@@ -390,3 +390,21 @@ def test_llava_json_builder(tmp_path):
     proc = VideoLLaVAProcessor("tiny", "vicuna_v1", 32, 8)
     out = proc(batch)
     assert out["num_samples"] == 3 and [len(m) for m in out["media"]] == [1, 2, 0]
+
+
+def test_projector_lr_scale_groups():
+    from omegaconf import OmegaConf as OC
+
+    from videollm.runners.lr_sched import build_lr_scheduler
+    from videollm.runners.optim import build_optimizer
+
+    m = VideoLLaVA.from_config(tiny_cfg(lora={"r": 4, "alpha": 8}, mm_projector_lr_scale=0.1))
+    run = OC.create({"weight_decay": 0.0, "init_lr": 2e-4, "min_lr": 0.0, "warmup_lr": 2e-4, "warmup_steps": 0,
+                     "lr_sched": "linear_warmup_cosine_lr", "max_epoch": 1, "iters_per_epoch": 10})
+    opt, _ = build_optimizer(m, run)
+    sched = build_lr_scheduler(run, opt)
+    sched.step(0, 0)
+    proj = {id(p) for n, p in m.named_parameters() if "multi_modal_projector" in n}
+    lrs = {round(g["lr"], 12) for g in opt.param_groups if all(id(p) in proj for p in g["params"])}
+    others = {round(g["lr"], 12) for g in opt.param_groups if not any(id(p) in proj for p in g["params"])}
+    assert lrs == {2e-5} and others == {2e-4}

@@ -67,11 +67,13 @@ def _paths(entry: Dict[str, Any], key: str) -> List[str]:
 class LlavaJsonDataset(Dataset):
     """Entries of a LLaVA-style JSON list -> media frames + conversations (see the module doc)."""
 
-    def __init__(self, ann_path: str, image_dir: str = "", video_dir: str = "", *, n_frms: int = 8,
+    def __init__(self, ann_path: "str | Sequence[str]", image_dir: str = "", video_dir: str = "", *, n_frms: int = 8,
                  sampling: str = "linspace", max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                  allow_outside_root: bool = False, timeout: Optional[float] = 30.0) -> None:
-        self.ann_path = str(ann_path)
-        self.annotation = read_json_list(ann_path, "LLaVA JSON")
+        paths = [ann_path] if isinstance(ann_path, str) else list(ann_path)
+        self.ann_path = ",".join(str(p) for p in paths)
+        # entries of several files are concatenated (Video-LLaVA's stage 2: images + videos + text)
+        self.annotation = [e for p in paths for e in read_json_list(str(p), "LLaVA JSON")]
         self.image_dir, self.video_dir = image_dir, video_dir
         self.n_frms, self.sampling = int(n_frms), sampling
         self.max_pixels, self.allow_outside_root, self.timeout = max_pixels, allow_outside_root, timeout
@@ -136,6 +138,7 @@ class LlavaJsonDataset(Dataset):
 @dataclass
 class LlavaJsonBuildInfo(BuildInfo):
     anno_path: str = ""
+    extra_anno_paths: List[str] = field(default_factory=list)  # more JSON files, concatenated
     image_dir: str = ""
     video_dir: str = ""
     n_frms: int = 8
@@ -161,6 +164,6 @@ class LlavaJsonBuilder(BaseDatasetBuilder):
             raise ConfigError("datasets.llava_json.build_info.anno_path: empty; give the JSON list of entries")
         if info.n_frms < 1:
             raise ConfigError(f"datasets.llava_json.build_info.n_frms: {info.n_frms} must be >= 1")
-        return {"train": LlavaJsonDataset(info.anno_path, info.image_dir, info.video_dir, n_frms=info.n_frms,
+        return {"train": LlavaJsonDataset([info.anno_path, *info.extra_anno_paths], info.image_dir, info.video_dir, n_frms=info.n_frms,
                                           sampling=info.sampling, max_pixels=self.config.max_pixels,
                                           allow_outside_root=self.config.allow_outside_root, timeout=info.timeout)}

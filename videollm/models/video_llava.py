@@ -218,7 +218,9 @@ class VideoLLaVAConfig:
     freeze_llm: bool = False
     freeze_towers: bool = True  # the LanguageBind towers are always frozen in the original
     lora: Dict[str, Any] = field(default_factory=dict)  # {r, alpha, dropout, target_modules}; target default LLM_LINEAR_REGEX
-    mm_projector_lr: Optional[float] = None  # the original LoRA recipe's projector lr (see freeze_plan)
+    # the projector's lr as a multiple of run.init_lr (the original LoRA recipe: --mm_projector_lr 2e-5
+    # at --learning_rate 2e-4, i.e. 0.1); applied by the optimizer's per-group lr_scale
+    mm_projector_lr_scale: float = 1.0
     llm_grad_checkpointing: bool = False
     conv_template: str = "vicuna_v1"  # training prompts: vicuna_v1 (`--version v1`), llava_v1, video_llava
     chat_template: str = "video_llava"  # the chat's default: transformers' documented format
@@ -433,7 +435,8 @@ class VideoLLaVA(VideoLLM):
                  not cfg.freeze_towers and not cfg.tune_mm_mlp_adapter, "freeze_towers")
         plan.add(self._prefix(inner.multi_modal_projector), True, "the projector always trains")
         if cfg.lora:
-            plan.add([n for n, _ in self.named_parameters() if ".lora_" in n], True, "LoRA adapters train")
+            plan.add([n for n, _ in self.named_parameters() if ".lora_" in n or ".modules_to_save." in n], True,
+                     "LoRA adapters (and lora.modules_to_save) train")
         return plan
 
     def apply_freeze_plan(self) -> Dict[str, int]:
@@ -448,11 +451,12 @@ class VideoLLaVA(VideoLLM):
         return counts
 
     def lr_scales(self) -> Dict[str, float]:
-        """Parameter-name prefix -> lr multiplier (the LoRA recipe's ``mm_projector_lr`` relative
-        to ``run.init_lr``); empty when every parameter uses the run's lr."""
-        if self.cfg.mm_projector_lr is None:
+        """Parameter-name prefix -> lr multiplier of run.init_lr (``mm_projector_lr_scale``); the
+        optimizer puts those parameters in groups of their own (``videollm.runners.optim``)."""
+        scale = float(self.cfg.mm_projector_lr_scale)
+        if scale == 1.0:
             return {}
-        return {self._prefix(self.hf.model.multi_modal_projector): float(self.cfg.mm_projector_lr)}
+        return {self._prefix(self.hf.model.multi_modal_projector): scale}
 
     # ------------------------------------------------------------------ media
     def num_media_tokens(self, medium: Media) -> int:

@@ -77,7 +77,7 @@ class _Scheduler:
 
     def _set(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: a model's own group (optim.py)
         self.last_lr = lr
         return lr
 

@@ -76,7 +76,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> Tuple[List[Dict[str, 
         {"params": decay, "weight_decay": float(weight_decay)},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return groups, report
+    return _split_lr_groups(model, groups), report
+
+
+def _split_lr_groups(model: nn.Module, groups: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A model with ``lr_scales()`` ({parameter-name prefix: lr multiplier}, e.g. Video-LLaVA's
+    projector lr) gets those parameters in groups of their own with ``lr_scale``; the scheduler
+    multiplies its lr by it. Models without it keep the two groups unchanged."""
+    scales = model.lr_scales() if hasattr(model, "lr_scales") else {}
+    if not scales:
+        return groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: List[Dict[str, Any]] = []
+    for g in groups:
+        by_scale: Dict[float, List[torch.Tensor]] = {}
+        for p in g["params"]:
+            scale = next((float(v) for k, v in scales.items() if names.get(id(p), "").startswith(k)), 1.0)
+            by_scale.setdefault(scale, []).append(p)
+        for scale, params in by_scale.items():
+            out.append({**g, "params": params, **({"lr_scale": scale} if scale != 1.0 else {})})
+    return out
 
 
 def build_optimizer(model: nn.Module, run_cfg: Any) -> Tuple[torch.optim.Optimizer, ParamGroupReport]:
