@@ -300,3 +300,24 @@ def test_recipes_validate(path):
         r = cfg.run
         assert (r.init_lr, r.min_lr, r.warmup_lr, r.warmup_steps, r.max_epoch, r.batch_size_train) == (8e-5, 1e-5, 1e-6, 5000, 5, 16)
         assert cfg.model.ckpt.endswith("pretrain-vicuna13b.pth")
+
+
+def test_fix_prompt_padding_makes_captions_independent_of_the_batch():
+    m = tiny_model(fix_prompt_padding=True).eval()
+    batch = dict(features(), prompt=PROMPTS)
+    with torch.no_grad():
+        both = m.generate_captions(batch, num_beams=1, max_length=8)
+        alone = [m.generate_captions({k: v[i:i + 1] for k, v in batch.items()}, num_beams=1, max_length=8)[0]
+                 for i in range(2)]
+        assert both == alone
+        merged = m.llm_inputs(dict(batch, text_input=["the red circle", "the circle"]))
+    for row in merged.attention_mask.tolist():
+        assert row == sorted(row, reverse=True)  # pads only at the end of a training row
+    assert 0 in merged.attention_mask[0].tolist() + merged.attention_mask[1].tolist()
+
+
+def test_batch_without_features_is_a_clear_error(model):
+    from videollm.errors import PromptError
+
+    with pytest.raises(PromptError, match="reference_points"):
+        model.visual_tokens({"image_query_tokens": torch.zeros(1, 2, 8, 64), "other_features_list": torch.zeros(1, 4, 1, 48)})

@@ -38,7 +38,11 @@ with prompt "This video describes the {label lower}." + (no space) "The subject 
 with transformers 4.28's bookkeeping (:mod:`videollm.beam_search`), beams 2, max length 30 (the
 dummy BOS that 4.28 puts in ``input_ids`` counts), min length 1.
 
-Quirks kept: the OPT is frozen but not forced to eval mode (its dropout acts in training, as in
+Quirks kept: in a batch, prompts are right-padded to the longest BEFORE the caption (training) or
+the generated tokens, as the original's ``prompt_wrap``; pads are masked and OPT's position ids
+skip them (pads themselves get position 1, 4.28's rule), but the first caption token of a
+shorter prompt is predicted at a pad position, so a caption depends on its batch
+(``fix_prompt_padding: true`` pads whole rows instead). The OPT is frozen but not forced to eval mode (its dropout acts in training, as in
 the original); the reference-point sinusoid is computed in float64 (the dataset's NumPy
 doubles) and cast to float32; ``end_sym`` is read and ignored (the tokenizer's EOS is used); the
 caption + EOS is cut at ``max_txt_len`` tokens, so a 30-token caption loses its EOS; the
@@ -116,6 +120,9 @@ class LLMVAGEBCConfig:
     min_len: int = 1
     length_penalty: float = 1.0
     decoding: str = "beam"  # "beam" (transformers 4.28 rules) or "greedy"
+    # corrected behaviour (off by default: the original pads prompts in the middle of the row, so
+    # in a batch a shorter prompt's first caption token is predicted at a pad position)
+    fix_prompt_padding: bool = False
     preprocess: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -311,6 +318,10 @@ class LLMVAGEBC(VideoLLM):
 
     def visual_tokens(self, batch: Dict[str, Any]) -> torch.Tensor:
         """The 32 + 8 visual embeddings of a batch: (B, Qv + Qo, H_opt)."""
+        missing = [k for k in ("image_query_tokens", "other_features_list", "reference_points") if k not in batch]
+        if missing:
+            raise PromptError(f"LLMVA-GEBC batch lacks {missing}; it takes the features of the 'gebc' datasets "
+                              "(image_query_tokens, other_features_list, reference_points)")
         ref = batch["reference_points"]
         v0 = self.encode_video(batch["image_query_tokens"], ref)
         v1 = self.encode_other_feat(batch["other_features_list"], ref)
@@ -349,8 +360,12 @@ class LLMVAGEBC(VideoLLM):
         prefix = Segment(ids=batch["video_prefix_ids"])
         rows = []
         for i in range(visual.shape[0]):
-            row = [bos, prefix, Segment(embeds=visual[i]),
-                   Segment(ids=batch["prompt_ids"][i], mask=batch["prompt_mask"][i])]
+            if self.cfg.fix_prompt_padding:  # only the real prompt ids; the row is padded at its end/start
+                n = int(batch["prompt_mask"][i].sum())
+                prompt = Segment(ids=batch["prompt_ids"][i][:n])
+            else:
+                prompt = Segment(ids=batch["prompt_ids"][i], mask=batch["prompt_mask"][i])
+            row = [bos, prefix, Segment(embeds=visual[i]), prompt]
             if with_caption:
                 row.append(Segment(ids=batch["caption_ids"][i], mask=batch["caption_mask"][i],
                                    labels=batch["caption_labels"][i]))
@@ -383,7 +398,8 @@ class LLMVAGEBC(VideoLLM):
         """[BOS] "Video:" visual prompt (right-padded in the middle, as the original) -> (embeds, mask)."""
         if "prompt_ids" not in batch:
             batch = self.prepare_batch(batch)
-        merged = self._merge(self._rows(self.visual_tokens(batch), batch, with_caption=False))
+        side = "left" if self.cfg.fix_prompt_padding else "right"
+        merged = self._merge(self._rows(self.visual_tokens(batch), batch, with_caption=False), padding_side=side)
         return merged.inputs_embeds, merged.attention_mask
 
     @torch.no_grad()
