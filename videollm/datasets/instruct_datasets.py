@@ -1,7 +1,9 @@
 """Instruction datasets: LLaVA-Instruct-150K (images) and VideoChat-11K (videos).
 
 * ``llava_instruct``: ``build_info.anno_dir`` is the json file (a list of ``{"id", "image",
-  "conversations": [{"from", "value"}]}``); image path = ``videos_dir/"COCO_train2014_" + image``;
+  "conversations": [{"from", "value"}]}``); image path = ``videos_dir/image_prefix + image``
+  (``image_prefix``: default ``"COCO_train2014_"``, the original's hard-coded prefix; ``""`` for
+  files named as in the annotation);
   every ``<image>`` becomes ``<Image>`` + N x ``<ImageHere>`` + ``</Image>``.
 * ``webvid_instruct`` (and ``webvid_instruct_zh``, the same class): ``anno_dir`` is the json
   file (a list of ``{"video": relative path, "QA": [{"q", "a"}, ...]}``); video at
@@ -118,9 +120,11 @@ class LlavaInstructDataset(InstructTokenizing, Dataset):
 
     def __init__(self, vis_processor: Any, vis_root: str, ann_path: str, num_video_query_token: int = 32,
                  tokenizer_name: str = "tiny", model_type: str = "vicuna", fix_label_mask: bool = False,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, allow_outside_root: bool = False) -> None:
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, allow_outside_root: bool = False,
+                 image_prefix: str = "COCO_train2014_") -> None:
         super().__init__(tokenizer_name, num_video_query_token, model_type, fix_label_mask)
         self.vis_processor = vis_processor
+        self.image_prefix = image_prefix
         self.vis_root = vis_root
         self.ann_path = str(ann_path)
         self.annotation = read_json_list(ann_path, "LLaVA-Instruct")
@@ -131,7 +135,7 @@ class LlavaInstructDataset(InstructTokenizing, Dataset):
         return len(self.annotation)
 
     def image_path(self, sample: Dict[str, Any]) -> str:
-        return resolve_under(self.vis_root, "COCO_train2014_" + str(field_of(sample, "image", str)),
+        return resolve_under(self.vis_root, self.image_prefix + str(field_of(sample, "image", str)),
                              allow_outside=self.allow_outside_root)
 
     def __getitem__(self, index: int) -> Any:
@@ -239,6 +243,7 @@ class InstructConfig(DatasetConfig):
     tokenizer_name: str = "tiny"
     model_type: str = "vicuna"
     fix_label_mask: bool = False
+    image_prefix: str = "COCO_train2014_"  # llava_instruct: prepended to every image name (the original's)
     build_info: InstructBuildInfo = field(default_factory=InstructBuildInfo)
 
 
@@ -259,7 +264,7 @@ class LlavaInstructBuilder(BaseDatasetBuilder):
         return {"train": LlavaInstructDataset(
             self.require_vis_processor("train"), self.require_build_info("videos_dir"),
             self.require_build_info("anno_dir"), c.num_video_query_token, c.tokenizer_name, c.model_type,
-            c.fix_label_mask, c.max_pixels, c.allow_outside_root)}
+            c.fix_label_mask, c.max_pixels, c.allow_outside_root, image_prefix=c.image_prefix)}
 
 
 @registry.register_builder("webvid_instruct")

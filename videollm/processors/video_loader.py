@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import os
 import importlib
 import random
@@ -950,6 +951,7 @@ def decode_video(
     threads: int = 0,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     isolate: bool = False,
+    clip: Optional[Tuple[float, float]] = None,
 ) -> DecodedVideo:
     """Open, sample and decode; the work behind :func:`load_video` (same arguments)."""
     path = os.fspath(video_path)
@@ -961,7 +963,7 @@ def decode_video(
         return run_isolated(
             _decode_isolated, path,
             dict(n_frms=n_frms, height=height, width=width, sampling=sampling, backend=impl, max_frames=max_frames,
-                 fps=fps, rng=rng, threads=threads, max_pixels=max_pixels),
+                 fps=fps, rng=rng, threads=threads, max_pixels=max_pixels, clip=clip),
             timeout=timeout, what=path,
         )
     if threads == 0 and torch.utils.data.get_worker_info() is not None:
@@ -986,15 +988,19 @@ def decode_video(
             vlen = reader.num_frames
             if vlen <= 0:
                 raise VideoDecodeError(f"{path}: the video stream has no frames")
-            n = min(n_frms, vlen)
+            first, stop = segment_range(vlen, reader.fps, clip, path)
+            n = min(n_frms, stop - first)
             keys = reader.key_frame_indices() if sampling == "keyframe" else None
             if sampling == "keyframe" and not keys:
                 keys = [0]  # no key frame flags in the index: frame 0 is always decodable
+            if keys is not None:
+                keys = [k - first for k in keys if first <= k < stop] or [0]
             try:
-                indices = sample_indices(vlen, n, sampling, native_fps=reader.fps, fps=fps, max_frames=max_frames,
-                                         key_frames=keys, rng=rng)
+                indices = sample_indices(stop - first, n, sampling, native_fps=reader.fps, fps=fps,
+                                         max_frames=max_frames, key_frames=keys, rng=rng)
             except ValueError as exc:
                 raise VideoDecodeError(f"{path}: {exc}") from None
+            indices = [first + i for i in indices]
             if not indices:
                 raise VideoDecodeError(
                     f"{path}: sampling='{sampling}' picks no frame from {vlen} frames with n_frms={n_frms} "
@@ -1029,6 +1035,45 @@ def decode_video(
     return run_with_timeout(work, timeout, path)
 
 
+def segment_range(vlen: int, fps: float, clip: Optional[Tuple[float, float]], path: str = "") -> Tuple[int, int]:
+    """Frame range ``[first, stop)`` of the segment ``clip`` = (start, end) seconds (None: the whole video).
+
+    Frames whose time ``i / fps`` lies in ``[start, end]``; an end past the video is cut at its
+    last frame. A segment that is empty, reversed or starts after the video is a
+    :class:`~videollm.errors.VideoDecodeError` naming the file.
+    """
+    if clip is None:
+        return 0, vlen
+    start, end = float(clip[0]), float(clip[1])
+    if not (start >= 0 and end > start):
+        raise VideoDecodeError(f"{path}: segment start={start} end={end} seconds: need 0 <= start < end")
+    if fps <= 0:
+        raise VideoDecodeError(f"{path}: the video has no frame rate; cannot select the segment {start}-{end} s")
+    first = int(math.ceil(start * fps - 1e-9))
+    stop = min(vlen, int(math.floor(end * fps + 1e-9)) + 1)
+    if first >= stop:
+        raise VideoDecodeError(f"{path}: segment {start}-{end} s holds no frame (the video has {vlen} frames "
+                               f"at {fps:g} fps = {vlen / fps:.2f} s)")
+    return first, stop
+
+
+def cap_frame_pixels(frames: torch.Tensor, max_pixels: Optional[int]) -> torch.Tensor:
+    """Frames ``(3, T, H, W)`` downscaled (aspect ratio kept, bilinear with antialiasing) so that
+    ``H * W <= max_pixels``; unchanged when they already fit or ``max_pixels`` is None/0. The
+    per-frame pixel cap of the data formats (``max_frame_pixels``), as LLaMA-Factory's
+    ``video_max_pixels``; unlike ``max_pixels`` of :func:`load_video` it shrinks instead of refusing."""
+    if not max_pixels:
+        return frames
+    h, w = int(frames.shape[-2]), int(frames.shape[-1])
+    if h * w <= max_pixels:
+        return frames
+    scale = math.sqrt(max_pixels / float(h * w))
+    nh, nw = max(1, int(h * scale)), max(1, int(w * scale))
+    x = frames.permute(1, 0, 2, 3).float()  # (T, 3, H, W)
+    x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp_(0, 255).permute(1, 0, 2, 3).contiguous()
+
+
 def video_message(indices: Sequence[int], fps: float) -> str:
     """The original's timestamp sentence (note the trailing space)."""
     sec = ", ".join(str(round(f / fps, 1)) for f in indices)
@@ -1051,6 +1096,7 @@ def load_video(
     threads: int = 0,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     isolate: bool = False,
+    clip: Optional[Tuple[float, float]] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, str]]:
     """Decode ``n_frms`` frames of ``video_path`` as a float tensor ``(3, T, H, W)`` in 0..255.
 
@@ -1080,6 +1126,9 @@ def load_video(
             bench/upload_isolation.py). ``rng`` must then be picklable, and its state is not
             advanced in the caller. As with any multiprocessing use, a calling script needs
             the ``if __name__ == "__main__":`` guard.
+        clip: ``(start, end)`` seconds: sample inside that segment only (VideoChat2-IT's
+            ``start``/``end``; see :func:`segment_range`). The timestamp message then gives
+            times from the start of the video.
 
     Returns:
         frames ``(3, T, H, W)`` float32, or ``(frames, msg)`` with ``return_msg``.
@@ -1090,7 +1139,7 @@ def load_video(
     """
     decoded = decode_video(
         video_path, n_frms, height, width, sampling, backend=backend, timeout=timeout,
-        max_frames=max_frames, fps=fps, rng=rng, threads=threads, max_pixels=max_pixels, isolate=isolate,
+        max_frames=max_frames, fps=fps, rng=rng, threads=threads, max_pixels=max_pixels, isolate=isolate, clip=clip,
     )
     frms = torch.from_numpy(np.ascontiguousarray(decoded.frames)).permute(3, 0, 1, 2).float()
     if not return_msg:
