@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := dev,demo,deepspeed,quant,serve
+EXTRAS := dev,demo,deepspeed,quant,serve,tracking
 DATA := data/synthetic
 OUT := output/tiny_synthetic
 

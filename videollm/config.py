@@ -136,6 +136,10 @@ class RunConfig:
     # logging
     log_freq: int = bounded(10, ge=1)
     tensorboard: bool = False
+    # experiment trackers beside log.jsonl: any of "tensorboard", "wandb" (WANDB_MODE=offline needs no network)
+    report_to: List[str] = field(default_factory=list)
+    wandb_project: str = "videollm"
+    plot_curves: bool = True  # curves.png (loss and learning rate) in output_dir at the end of training
     max_nonfinite_in_row: int = bounded(5, ge=1)
     max_bad_sample_fraction: float = bounded(0.1, ge=0, le=1)
     # evaluation after training

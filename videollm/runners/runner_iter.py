@@ -210,7 +210,11 @@ class RunnerIter:
             max_fraction=float(self.run.get("max_bad_sample_fraction", 0.1)), min_samples=BAD_SAMPLE_MIN_SEEN
         )
         self.metrics = MetricsWriter(self.output_dir, enabled=self.dist.is_main,
-                                     tensorboard=bool(self.run.get("tensorboard", False)))
+                                     tensorboard=bool(self.run.get("tensorboard", False)),
+                                     report_to=list(self.run.get("report_to") or []),
+                                     config=_plain_config(cfg) if self.dist.is_main else None,
+                                     wandb_project=str(self.run.get("wandb_project", "videollm")),
+                                     plot_curves=bool(self.run.get("plot_curves", True)))
         # position: the next iteration to run
         self.start_epoch = 0
         self.start_iter = 0
