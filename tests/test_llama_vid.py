@@ -410,3 +410,50 @@ def test_chat_with_feature_file(tmp_path, model):
     assert chat._question(conv, get_template("llamavid_vicuna_v1"), imgs) == "What is said?"
     text, ids = chat.answer(conv, imgs, max_new_tokens=2)
     assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("path", [
+    "train_configs/llama_vid_stage1_pretrain_7b.yaml", "train_configs/llama_vid_stage2_finetune_7b.yaml",
+    "train_configs/llama_vid_stage3_longvideo_7b.yaml", "train_configs/llama_vid_tiny_synthetic.yaml",
+    "train_configs/llama_vid_tiny_synthetic_long.yaml", "eval_configs/llama_vid_tiny.yaml",
+    "eval_configs/llama_vid_7b_video.yaml", "eval_configs/llama_vid_7b_longvideo.yaml"])
+def test_recipes_validate(path):
+    from videollm.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / path).read_text()
+    assert text.startswith("#")  # the header: command, hardware, time, result
+    cfg = load_config(str(root / path), [])
+    assert cfg.model.arch == "llama_vid"
+    if "stage" in path or "synthetic" in path:
+        stage = 1 if "stage1" in path else 3 if ("stage3" in path or "long" in path) else 2
+        assert cfg.model.stage == stage
+        assert cfg.model.conv_template == ("plain_guided" if stage == 1 else "imgsp_v1")
+    if "stage3" in path:
+        assert cfg.model.model_max_length == 65536
+
+
+def test_dataset_builder_emits_media_and_conversations(tmp_path):
+    from videollm.datasets.llama_vid_datasets import LLaMAVIDJsonDataset
+    from videollm.long_video import write_feature_file
+    from videollm.synthetic import ClipSpec, ImageSpec, render_image, write_clip
+    from PIL import Image
+
+    write_clip(tmp_path / "c.mp4", ClipSpec("c", "circle", "red", "left", "slow"), width=32, height=32, fps=4,
+               duration=3)
+    Image.fromarray(render_image(ImageSpec("i", "square", "blue"), size=(48, 24))).save(tmp_path / "i.png")
+    write_feature_file(tmp_path / "m.pkl", np.zeros((2, 17, 64), np.float16), "<image>a<image>")
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    items = [{"id": 1, "video": "c.mp4", "conversations": conv}, {"id": 2, "image": "i.png", "conversations": conv},
+             {"id": 3, "video": "m.pkl", "conversations": conv}, {"id": 4, "conversations": conv},
+             {"id": 5, "video": "missing.mp4", "conversations": conv}]
+    (tmp_path / "d.json").write_text(json.dumps(items))
+    ds = LLaMAVIDJsonDataset(str(tmp_path / "d.json"), str(tmp_path), str(tmp_path), image_size=32)
+    batch = ds.collater([ds[i] for i in range(len(ds))])
+    kinds = [m.kind if m is not None else None for m in batch["media"]]
+    assert kinds == ["video", "image", "features", None] and batch["num_samples"] == 4
+    assert batch["media"][0].data.shape == (3, 3, 32, 32)  # 3 s at 4 fps -> step 4 -> 3 frames
+    image = batch["media"][1].data  # padded square with the mean colour before the CLIP processor
+    assert image.shape == (3, 32, 32) and image[:, 0].abs().max() < 0.02  # the pad rows normalise to ~0
+    assert batch["media"][2].data.shape == (2, 16, 64) and batch["media"][2].meta["inputs"] == "<image>a<image>"
+    assert len(batch["bad_samples"]) == 1

@@ -21,6 +21,12 @@ e.g. ``videollm/configs/models/video_llama_tiny.yaml`` for the tiny random encod
 seeded by ``--seed``). Videos that cannot be decoded are named in the log and the manifest and
 skipped; the exit status is 1 when any failed.
 
+``llama-vid``: LLaMA-VID's long-video feature files (``extract_video_features_subtitles.py``, with a
+user-given ``.srt`` instead of Whisper): ``<out>/<stem>.pkl`` = ``{"feats": float16 (N, 257, 1408)
+EVA ViT-g outputs at 1 fps, "inputs": "<image>" + that frame's subtitles, per frame}`` (see
+:mod:`videollm.long_video`). ``--vision-tower eva_vit_g.pth``; ``--model-config`` takes
+``image_size``/``vit`` from a ``llama_vid`` model YAML (the tiny one for tests).
+
 ``cache``: the frozen-encoder feature cache of a recipe (``--cfg-path train_configs/X.yaml --out
 DIR``): the configured model's frozen front over every dataset of the recipe, in safetensors
 shards with an index, resumable, sharded over torchrun ranks; see :mod:`videollm.feature_cache`.
@@ -227,6 +233,58 @@ def _run_gebc_qformer(args: argparse.Namespace) -> int:
                                     device=args.device, timeout=args.timeout, skip_existing=args.skip_existing)
     print(f"{len(manifest['videos'])} videos -> {args.out} ({len(manifest['failed'])} failed)")
     return 1 if manifest["failed"] else 0
+
+
+@add_subcommand("llama-vid", aliases=("llamavid",))
+def _llama_vid_parser(p: argparse.ArgumentParser) -> None:
+    """LLaMA-VID long-video feature files (<out>/<stem>.pkl: EVA feats (N, 257, 1408) fp16 at 1 fps + subtitle text)."""
+    p.add_argument("--video", required=True, help="a video file, or a folder of videos")
+    p.add_argument("--out", required=True, help="output folder of <stem>.pkl")
+    p.add_argument("--srt", default=None, help="subtitles of a single --video (default: <video stem>.srt next to it)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames per second sampled (step round(avg_fps / fps))")
+    p.add_argument("--vision-tower", default="", help="eva_vit_g.pth (empty: RANDOM weights, for tests)")
+    p.add_argument("--model-config", default=None, help="a llama_vid model YAML giving image_size and vit dimensions")
+    p.add_argument("--image-size", type=int, default=None, help="frame size (default 224, or the config's)")
+    p.add_argument("--batch", type=int, default=48, help="frames per EVA batch (the original's infer_batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a random EVA (no --vision-tower)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per video decode")
+    p.set_defaults(func=_run_llama_vid)
+
+
+def _run_llama_vid(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from videollm.long_video import extract_feature_file
+    from videollm.models.eva_vit import create_eva_vit_g, load_eva_vit_weights
+
+    model_cfg = OmegaConf.to_container(OmegaConf.load(args.model_config))["model"] if args.model_config else {}
+    size = int(args.image_size or model_cfg.get("image_size") or 224)
+    torch.manual_seed(args.seed)
+    vit = create_eva_vit_g(img_size=size, precision="fp32", **(model_cfg.get("vit") or {}))
+    if args.vision_tower:
+        load_eva_vit_weights(vit, args.vision_tower)
+    else:
+        logger.warning("no --vision-tower: EVA has RANDOM weights (seed %d); fine for tests, not for real features",
+                       args.seed)
+    vit.to(args.device).eval()
+    videos = list_videos(args.video) if os.path.isdir(args.video) else [Path(args.video)]
+    if not videos:
+        raise ConfigError(f"--video: no video files ({', '.join(VIDEO_EXTENSIONS)}) in {args.video}")
+    failed = 0
+    for video in videos:
+        srt = args.srt if args.srt and len(videos) == 1 else None
+        if srt is None and video.with_suffix(".srt").is_file():
+            srt = str(video.with_suffix(".srt"))
+        try:
+            info = extract_feature_file(str(video), os.path.join(args.out, video.stem + ".pkl"), vit, size, srt=srt,
+                                        fps=args.fps, batch=args.batch, device=args.device, timeout=args.timeout)
+        except VideoLLMError as exc:
+            logger.error("%s: %s", video, exc)
+            failed += 1
+            continue
+        print(f"{video} -> {info['path']}: {info['frames']} frames {info['shape']}, {info['subtitles']} subtitles")
+    return 1 if failed else 0
 
 
 @add_subcommand("cache")

@@ -170,3 +170,29 @@ def expand_image_tokens(inputs: str, video_token: int) -> str:
 def movie_block(inputs: str, video_token: int = 2) -> str:
     """The movie part of ``run_llamavid_movie.py``'s user message (the question follows after ``\\n``)."""
     return MOVIE_START + expand_image_tokens(inputs, video_token) + MOVIE_END + "\n"
+
+
+def extract_feature_file(video: str, out_path: str, vit: Any, image_size: int, *, srt: str | None = None,
+                         fps: float = 1.0, batch: int = 48, device: str = "cpu", timeout: float | None = 600.0) -> Dict[str, Any]:
+    """Write the feature file of ``video`` (``extract_video_features_subtitles.py`` with a
+    user-given ``.srt`` instead of Whisper): frames at ``fps`` (step ``round(avg_fps / fps)``),
+    the CLIP processor, pixels rounded to fp16 as the original's ``.half()``, EVA ViT-g ``vit``
+    (batches of ``batch`` frames), outputs stored as float16 (N, 1 + P, D); ``inputs`` from the
+    subtitles (none: ``<image>`` per frame). Returns a summary dict."""
+    import torch
+
+    from videollm.models.llama_vid import load_video_fps
+    from videollm.processors.clip_image import CLIPImageProcessor
+
+    frames, times = load_video_fps(video, fps, timeout=timeout)
+    pixels = CLIPImageProcessor(image_size)(frames).half()
+    dtype = next(vit.parameters()).dtype
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(pixels), batch):
+            outs.append(vit(pixels[i: i + batch].to(device, dtype)).float().cpu())
+    feats = torch.cat(outs).numpy().astype(np.float16)
+    subs = parse_srt(srt) if srt else []
+    inputs = interleave_subtitles(subs, times)
+    write_feature_file(out_path, feats, inputs)
+    return {"frames": int(feats.shape[0]), "shape": list(feats.shape), "subtitles": len(subs), "path": str(out_path)}

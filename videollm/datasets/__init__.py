@@ -45,6 +45,7 @@ from videollm.datasets.synthetic_datasets import SyntheticClipDataset, Synthetic
 from videollm.datasets.pllava_datasets import SyntheticVideoChatBuilder, VideoChat2InstructBuilder  # noqa: F401
 from videollm.datasets.llava_json_datasets import LlavaJsonBuilder, LlavaJsonDataset  # noqa: F401
 from videollm.datasets.llmva_gebc_datasets import GEBCBuilder, GEBCDataset  # noqa: F401
+from videollm.datasets.llama_vid_datasets import LLaMAVIDJsonBuilder, LLaMAVIDJsonDataset  # noqa: F401
 from videollm.datasets.formats import LlavaVideoBuilder, ShareGPTBuilder, VideoChat2ITBuilder  # noqa: F401
 
 __all__ = [

@@ -82,6 +82,7 @@ logger = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200  # the original's placeholder id in token ids (never embedded)
 EVA_WIDTH = 1408
+TINY_BERT_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_bert"  # a toy WordPiece vocabulary
 # Released layout <-> ours: only the LLM moves (the vision modules keep the released names).
 RELEASED_LLM_RENAME: Tuple[Tuple[str, str], ...] = (
     (r"^model\.(embed_tokens|layers|norm|rotary_emb)\.", r"llm.model.\1."),
@@ -146,6 +147,7 @@ class LLaMAVIDConfig:
     released folder's ``config.json`` (``model_path``), else the default in brackets."""
 
     arch: str = "llama_vid"
+    model_type: str = ""  # a preset name (PRETRAINED_MODEL_CONFIG_DICT)
     # weights
     model_path: str = ""  # a released LLaMA-VID folder (config.json, pytorch_model-*.bin + index, tokenizer)
     llm_path: str = ""  # a base Vicuna folder (training from stage 1)
@@ -157,7 +159,7 @@ class LLaMAVIDConfig:
     strict_load: bool = True
     # tokenizers
     tokenizer: Optional[str] = None  # LLaMA tokenizer folder ("tiny": the built-in one); default: the weights' folder
-    bert_tokenizer: str = ""  # folder with bert-base-uncased's vocab.txt (the Q-Former's tokenizer)
+    bert_tokenizer: str = ""  # folder with bert-base-uncased's vocab.txt ("tiny": the built-in toy vocabulary)
     bert_max_length: int = 256
     # architecture (released config fields)
     image_size: Optional[int] = None  # [224]; 336 for the released image models
@@ -229,7 +231,7 @@ def load_bert_tokenizer(path: str, key: str = "model.bert_tokenizer"):
     if not path:
         raise ConfigError(f"{key}: empty; give a folder holding bert-base-uncased's vocab.txt "
                           "(the Q-Former's instruction tokenizer)")
-    folder = Path(path)
+    folder = TINY_BERT_DIR if path == "tiny" else Path(path)
     if folder.is_file() and folder.name == "vocab.txt":
         folder = folder.parent
     if not (folder / "vocab.txt").is_file():
@@ -325,6 +327,15 @@ class LLaMAVID(VideoLLM):
     text_conditioned = True
     token_count = "per_frame"
     tolerated_unexpected = (r"rotary_emb\.inv_freq",)
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "tiny": "configs/models/llama_vid_tiny.yaml",
+        "vicuna7b_video": "configs/models/llama_vid_vicuna7b_video.yaml",
+        "vicuna13b_video": "configs/models/llama_vid_vicuna13b_video.yaml",
+        "vicuna7b_image336": "configs/models/llama_vid_vicuna7b_image336.yaml",
+        "vicuna13b_image336": "configs/models/llama_vid_vicuna13b_image336.yaml",
+        "vicuna7b_longvideo": "configs/models/llama_vid_vicuna7b_longvideo.yaml",
+    }
+    DEFAULT_MODEL_TYPE = "vicuna7b_video"
     weight_keys = {
         "model_path": "a released LLaMA-VID folder",
         "llm_path": "a Vicuna folder",
@@ -565,13 +576,23 @@ class LLaMAVID(VideoLLM):
 
         feats: (F, N, D_vit) EVA outputs of its F frames (N = 1 + P with CLS; long video: P).
         Returns (len(prompts), F * tokens_per_frame, H_llm): prompt p's [context ; content] of
-        every frame, frames in order.
+        every frame, frames in order. A long video runs in chunks of ``frame_chunk`` frames, each
+        moved to the device on its own (the original chunks the Q-Former and the attention; every
+        operation is per frame, so the tokens are the same and only one chunk's features and
+        activations are held at a time, see docs/llama_vid_memory.md).
         """
-        m = self.model
-        n_prompts, n_frames = len(prompts), feats.shape[0]
         ids, mask = self.bert_inputs(prompts)
-        dtype = m.vlm_att_key_projector.weight.dtype
-        feats = feats.to(self.device, dtype)
+        if not long_video:
+            return self._frame_tokens(feats, ids, mask)
+        chunk = self.cfg.frame_chunk
+        return torch.cat([self._frame_tokens(feats[lo: lo + chunk], ids, mask) for lo in range(0, feats.shape[0], chunk)],
+                         dim=1)
+
+    def _frame_tokens(self, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """feats (F, N, D) and BERT ids/mask (P, L) -> (P, F * (1 + C), H_llm)."""
+        m = self.model
+        n_prompts, n_frames = ids.shape[0], feats.shape[0]
+        feats = feats.to(self.device, m.vlm_att_key_projector.weight.dtype)
         img = feats[None].expand(n_prompts, -1, -1, -1).flatten(0, 1)  # (P*F, N, D)
         ids = ids[:, None].expand(-1, n_frames, -1).flatten(0, 1)  # (P*F, L)
         mask = mask[:, None].expand(-1, n_frames, -1).flatten(0, 1)
@@ -580,28 +601,17 @@ class LLaMAVID(VideoLLM):
             img = img[:, 1:]
         query = m.vlm_att_query.expand(img.shape[0], -1, -1)
         query_mask = torch.cat([torch.ones(query.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
-        mm_in = m.vlm_att_ln(bert_feat)
-        chunk = self.cfg.frame_chunk if long_video else img.shape[0]
-        outs = []
-        for lo in range(0, img.shape[0], chunk):
-            hi = lo + chunk
-            out = m.vlm_att_encoder.bert(query_embeds=query[lo:hi], input_ids=ids[lo:hi],
-                                         attention_mask=query_mask[lo:hi], encoder_hidden_states=mm_in[lo:hi])
-            outs.append(out[:, : query.shape[1]])
-        text_q = m.vlm_att_projector(torch.cat(outs))  # (P*F, Q, D)
-        tokens = self.token_generation(text_q, img, long_video)  # (P*F, T, H)
+        out = m.vlm_att_encoder.bert(query_embeds=query, input_ids=ids, attention_mask=query_mask,
+                                     encoder_hidden_states=m.vlm_att_ln(bert_feat))
+        text_q = m.vlm_att_projector(out[:, : query.shape[1]])  # (P*F, Q, D)
+        tokens = self.token_generation(text_q, img)  # (P*F, T, H)
         return tokens.reshape(n_prompts, n_frames * tokens.shape[1], tokens.shape[-1])
 
-    def token_generation(self, text_q: torch.Tensor, vis: torch.Tensor, long_video: bool = False) -> torch.Tensor:
+    def token_generation(self, text_q: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
         """text_q (B, Q, D), vis (B, P, D) -> [context (1) ; content (C)] (B, 1 + C, H_llm)."""
         m = self.model
         scores = text_q @ m.vlm_att_key_projector(vis).transpose(-1, -2) / (vis.shape[-1] ** 0.5)
-        if not long_video:
-            ctx = (scores.softmax(-1) @ vis).mean(1)
-        else:
-            probs = scores.softmax(-1)
-            chunk = self.cfg.frame_chunk
-            ctx = torch.cat([(probs[lo: lo + chunk] @ vis[lo: lo + chunk]).mean(1) for lo in range(0, len(probs), chunk)])
+        ctx = (scores.softmax(-1) @ vis).mean(1)
         ctx = m.vlm_att_val_projector(ctx[:, None])
         if self.compress_type and self.compress_type.startswith("grid:"):
             grid = int(self.compress_type.split("grid:")[-1])
