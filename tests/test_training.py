@@ -511,9 +511,7 @@ def test_make_demo_recipes_chain_on_a_few_iterations(tmp_path, synthetic_root):
     subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--cfg-path", str(REPO / "train_configs/tiny_synthetic_chat.yaml"),
          "--options", f"run.output_dir={stage2}", "run.max_epoch=1", "run.iters_per_epoch=2", "run.num_workers=0",
-         f"model.ckpt={stage1 / 'checkpoint_0.pth'}",
-         f"datasets.webvid_instruct.build_info.anno_dir={synthetic_root / 'videochat/videochat_instruct.json'}",
-         f"datasets.webvid_instruct.build_info.videos_dir={synthetic_root / 'videos'}"],
+         f"model.ckpt={stage1 / 'checkpoint_0.pth'}"],
         check=True, env=env, cwd=tmp_path, capture_output=True)
     final = load_file(stage2 / "checkpoint_0.pth")["model"]
     # stage 2 kept the frozen encoders of stage 1 bit for bit and carries them on to the demo

@@ -97,22 +97,27 @@ class InstructTokenizing:
         return {"conversations": turns, "media_msg": msg}
 
     def collater(self, samples: Sequence[Any]) -> Dict[str, Any]:
-        good, bad = split_bad(samples)
-        if not good:
-            return empty_batch(bad)
-        images = [s["image"] for s in good]
-        if not all(x.shape == images[0].shape for x in images):
-            raise PromptError("instruction batch mixes visual inputs of different shapes; batch them apart")
-        return {
-            "images": torch.stack(images),
-            "conversations": [s["conversations"] for s in good],
-            "media_msgs": [s.get("media_msg", "") for s in good],
-            "fix_label_mask": [self.fix_label_mask] * len(good),
-            "paths": [s.get("path", "") for s in good],
-            "conv_type": "multi",
-            "bad_samples": bad,
-            "num_samples": len(good),
-        }
+        return collate_conversations(samples, self.fix_label_mask)
+
+
+def collate_conversations(samples: Sequence[Any], fix_label_mask: bool = False) -> Dict[str, Any]:
+    """Conversation samples -> one batch (media stacked; conversations for the model to tokenise)."""
+    good, bad = split_bad(samples)
+    if not good:
+        return empty_batch(bad)
+    images = [s["image"] for s in good]
+    if not all(x.shape == images[0].shape for x in images):
+        raise PromptError("instruction batch mixes visual inputs of different shapes; batch them apart")
+    return {
+        "images": torch.stack(images),
+        "conversations": [s["conversations"] for s in good],
+        "media_msgs": [s.get("media_msg", "") for s in good],
+        "fix_label_mask": [fix_label_mask] * len(good),
+        "paths": [s.get("path", "") for s in good],
+        "conv_type": "multi",
+        "bad_samples": bad,
+        "num_samples": len(good),
+    }
 
 
 class LlavaInstructDataset(InstructTokenizing, Dataset):
