@@ -1086,6 +1086,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     net.add_argument("--api-key", default=os.environ.get("VIDEOLLM_API_KEY") or None,
                      help="required as 'Authorization: Bearer KEY' (default: $VIDEOLLM_API_KEY)")
     net.add_argument("--served-model-name", default=None, help="the model id clients send (default: the config's name)")
+    net.add_argument("--seed", type=int, default=None,
+                     help="seed torch before building the model (reproducible random-weight smoke tests, sampling)")
     net.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     lim = parser.add_argument_group("media and limits")
     d = ServeConfig()
@@ -1126,6 +1128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from videollm.chat import build_chat_from_args
     from videollm.errors import VideoLLMError
 
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
     try:
         chat, template, notices = build_chat_from_args(args)
     except VideoLLMError as exc:
