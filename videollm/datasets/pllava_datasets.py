@@ -39,13 +39,14 @@ from videollm.datasets.bad_samples import (
     empty_batch,
     field_of,
     guarded,
+    load_video_sample,
     open_image,
     resolve_under,
     split_bad,
 )
 from videollm.datasets.base import BaseDatasetBuilder, BuildInfo, DatasetConfig
 from videollm.datasets.instruct_datasets import read_json_list
-from videollm.errors import ConfigError, VideoDecodeError
+from videollm.errors import ConfigError
 from videollm.processors import pllava_processors as pp
 from videollm.registry import registry
 
@@ -113,12 +114,14 @@ class VideoChat2InstructDataset(Dataset):
             except (TypeError, ValueError):
                 raise BadInput("bad_annotation", f"start/end {entry.get('start')!r}/{entry.get('end')!r} are not numbers") from None
         proc = self.vis_processor
-        try:
-            frames, _, _ = pp.load_frames(path, proc.n_frms, proc.sampling, backend=getattr(proc, "backend", "auto"),
+
+        def decode(p: str) -> torch.Tensor:
+            frames, _, _ = pp.load_frames(p, proc.n_frms, proc.sampling, backend=getattr(proc, "backend", "auto"),
                                           timeout=getattr(proc, "timeout", 30.0), clip=clip)
-        except VideoDecodeError as exc:
-            raise BadInput("corrupt", str(exc)) from None
-        return proc.transform(torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float())
+            return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float()
+
+        # the project's checks and reason codes (missing, empty, corrupt, too_large, decode_timeout, ...)
+        return proc.transform(load_video_sample(path, decode, None, self.max_pixels))
 
     def __getitem__(self, index: int) -> Any:
         entry = self.annotation[index]

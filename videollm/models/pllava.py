@@ -73,6 +73,7 @@ from videollm.errors import CheckpointError, ConfigError, PromptError
 from videollm.models.base import FreezePlan, Media, VideoLLM
 from videollm.models.merge import IGNORE_INDEX, MergedInputs, merge_segments, segments_from_ids
 from videollm.processors import pllava_processors as pp
+from videollm.runners import lr_sched_floor  # noqa: F401 - registers the recipes' warmup_cosine_floor_lr
 from videollm.registry import registry
 from videollm.templates import TEMPLATES, ChatTemplate, register_template
 
