@@ -26,7 +26,8 @@ module reproduces 4.28's rules (read from ``BeamSearchScorer`` / ``BeamHypothese
    the unfinished samples as a hypothesis (score divided by its full length), keeps the best,
    appends EOS when it fits and pads shorter rows.
 
-``model`` is any transformers causal LM: ``model(inputs_embeds | input_ids, attention_mask,
+Checked against the original's own ``generate`` call under transformers 4.28.0 at tiny size
+(``scripts/llmva_gebc_parity.py``: identical captions). ``model`` is any transformers causal LM: ``model(inputs_embeds | input_ids, attention_mask,
 position_ids, cache, use_cache=True)``; position ids are ``cumsum(mask) * mask - 1``
 (OPT's own rule, so pads in the middle of a prompt are skipped).
 """
