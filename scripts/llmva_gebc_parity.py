@@ -15,6 +15,8 @@ Two steps, two environments (the original needs transformers 4.28, videollm runs
    names), and compares the loss, the beam-search captions (the original's own call:
    ``opt_model.generate(..., num_beams=2, max_length=30, min_length=1)`` under transformers 4.28)
    and greedy captions. Prints a report; exit status 1 on a mismatch.
+3. ``python scripts/llmva_gebc_parity.py metrics --out DIR --original GIT_DIR`` (videollm's
+   environment, Java): the original's ``evaluation_utils.gebc_captioning_eval`` against ours.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -177,9 +180,71 @@ def reference(out: Path, original: str) -> int:
     return 0 if ok else 1
 
 
+def metrics(original: str) -> int:
+    """The original's ``evaluation_utils.gebc_captioning_eval`` (its SPICE scorer replaced by a stub
+    returning 0, since the CoreNLP jars are missing; scipy stubbed, it is only imported) against
+    :func:`videollm.gebc_metrics.gebc_captioning_eval` on a small prediction/annotation pair."""
+    import importlib.util
+
+    from videollm.gebc_metrics import gebc_captioning_eval, split_gt
+
+    rel = "video_llama/evaluation/gebc_evaluation/evaluation_utils.py"
+    src = Path(original) / rel
+    text = src.read_text() if src.is_file() else subprocess.run(
+        ["git", f"--git-dir={original}", "show", f"HEAD:{rel}"], check=True, capture_output=True, text=True).stdout
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "evaluation_utils.py").write_text(text)
+    scipy = types.ModuleType("scipy")
+    scipy.ndimage = types.ModuleType("scipy.ndimage")
+    scipy.ndimage.filters = None
+    sys.modules.setdefault("scipy", scipy)
+    sys.modules.setdefault("scipy.ndimage", scipy.ndimage)
+    import pycocoevalcap.spice.spice as spice_mod
+
+    class NoSpice:
+        def method(self):
+            return "SPICE"
+
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(gts)
+
+    spice_mod.Spice = NoSpice
+    spec = importlib.util.spec_from_file_location("orig_eval", tmp / "evaluation_utils.py")
+    orig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(orig)
+    gt = {"vid00000000": [{"boundary_id": "vid00000000_0", "subject": "a man", "status_before": "running on the road",
+                           "status_after": "walking slowly"},
+                          {"boundary_id": "vid00000000_1", "subject": "the man", "status_before": "walking slowly",
+                           "status_after": "stops and looks back"}],
+          "vid00000001": [{"boundary_id": "vid00000001_0", "subject": "a red ball", "status_before": "rolling left",
+                           "status_after": "stopped near the wall."}]}
+    caps = {"vid00000000_0": ("the man", "running on a road", "walking"), "vid00000000_1": ("a man", "walking", "stops"),
+            "vid00000001_0": ("a blue ball", "rolling to the left", "stopped at the wall")}
+    preds = [{"boundary_id": b, "type": t, "caption": c[i]} for b, c in caps.items()
+             for i, t in enumerate(("subject", "status_before", "status_after"))]
+    (tmp / "pred.json").write_text(json.dumps(preds))
+    (tmp / "gt.json").write_text(json.dumps(gt))
+    theirs = orig.gebc_captioning_eval(str(tmp / "pred.json"), str(tmp / "gt.json"))
+    ours = gebc_captioning_eval(preds, split_gt(gt), use_spice=False)
+    rows = []
+    ok = True
+    for key in ("subject_ROUGE_L", "subject_CIDEr", "before_ROUGE_L", "before_CIDEr", "after+ROUGE_L", "after+CIDEr",
+                "mean_ROUGE_L", "mean_CIDEr"):
+        same = abs(theirs[key] - ours[key]) < 1e-9
+        ok &= same
+        rows.append(f"{key:18s} original {theirs[key]:10.4f}  videollm {ours[key]:10.4f}  {'=' if same else 'DIFFERENT'}")
+    # without SPICE (0 in the stub) the original's overall score is the sum of the other two means
+    same = abs(theirs["overall_score"] - ours["overall_score_without_spice"]) < 1e-9
+    ok &= same
+    rows.append(f"overall (no SPICE) original {theirs['overall_score']:.4f}  videollm {ours['overall_score_without_spice']:.4f}")
+    print("\n".join(rows))
+    print("METRICS PARITY OK" if ok else "METRICS MISMATCH")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=("export", "reference"))
+    p.add_argument("step", choices=("export", "reference", "metrics"))
     p.add_argument("--out", required=True)
     p.add_argument("--original", default="", help="checkout or bare git dir of zjr2000/LLMVA-GEBC (reference step)")
     p.add_argument("--cfg-path", default="", help="export: take a real batch from this recipe's val split")
@@ -187,6 +252,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.step == "export":
         return export(Path(args.out), args.cfg_path, args.ckpt)
+    if args.step == "metrics":
+        return metrics(args.original)
     return reference(Path(args.out), args.original)
 
 
