@@ -180,14 +180,16 @@ def test_export_round_trip_gives_identical_outputs(ckpts, tmp_path, monkeypatch)
     assert (out / "tokenizer" / "tokenizer.model").is_file() and (out / "prompts" / "alignment_image.txt").is_file()
     model_node = OmegaConf.load(out_cfg).model
     for key in ("llama_model", "tokenizer", "vit_ckpt", "q_former_model", "ckpt", "prompt_path"):
-        assert Path(model_node[key]).resolve().is_relative_to(out.resolve()), key
+        assert model_node[key].startswith("./") and (out / model_node[key]).resolve().is_relative_to(out.resolve()), key
     adapter = load_model_state(out / "adapter.safetensors")
     assert convert.branch_kind(list(adapter)) == "VL" and "llama_model.lm_head.weight" not in adapter
 
     torch.manual_seed(123)  # weights must come from the folder, not the seed
     again = VideoLLAMA.from_config(load_config(out_cfg).model).eval()
     torch.manual_seed(321)
-    plain = VideoLLAMA.from_config(model_node).eval()
+    with monkeypatch.context() as mp:  # the folder's relative paths, read as written from inside it
+        mp.chdir(out)
+        plain = VideoLLAMA.from_config(model_node).eval()
     assert_same_state(again.state_dict(), ref.state_dict())
     assert_same_state(plain.state_dict(), ref.state_dict())
     loss_ref, tokens_ref = _outputs(ref)

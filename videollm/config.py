@@ -9,6 +9,11 @@ A user YAML has three roots, as in the original Video-LLaMA: ``model:``, ``datas
    ``BuilderClass.DATASET_CONFIG_DICT``, ``default`` otherwise) is merged under the user's entry.
 3. ``run`` is taken as written, then ``--options key=value ...`` overrides are applied on top.
 
+A path in the file's own ``model:`` section written as ``./...`` or ``../...`` is relative to the
+folder of the config file (not to the working directory): an exported folder
+(``python -m videollm.convert export``) names its parts that way, so it still works after being
+moved or copied elsewhere. Other relative paths keep their meaning (the working directory).
+
 Validation rejects unknown keys and wrong types with a :class:`~videollm.errors.ConfigError`
 that names the full key and suggests the closest valid one. Schemas are dataclasses: the
 model class's ``config_schema``, the builder's ``config_schema`` (with its ``BuildInfo``), the
@@ -386,9 +391,24 @@ def validate_config(cfg: DictConfig) -> None:
     validate_cross_sections(model, _to_plain(cfg.get("datasets")) or {})
 
 
+def resolve_config_relative(section: Any, cfg_path: os.PathLike | str) -> None:
+    """Make the ``./...`` / ``../...`` string values of ``section`` (one level) absolute, relative
+    to the folder of ``cfg_path``; interpolations are left alone."""
+    if not isinstance(section, DictConfig):
+        return
+    base = Path(cfg_path).resolve().parent
+    for key in list(section.keys()):
+        if OmegaConf.is_interpolation(section, key):
+            continue
+        value = section.get(key)
+        if isinstance(value, str) and (value.startswith("./") or value.startswith("../")):
+            section[key] = os.path.normpath(str(base / value))
+
+
 def load_config(cfg_path: os.PathLike | str, options: Optional[Sequence[str]] = None) -> DictConfig:
     """Assemble, override and validate a config; see the module docstring."""
     user = _load_yaml(cfg_path)
+    resolve_config_relative(user.get("model"), cfg_path)
     for key in user:
         if key not in ROOTS:
             raise ConfigError(f"{cfg_path}: {key}: unknown root{closest(key, ROOTS)}")

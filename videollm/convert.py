@@ -398,6 +398,13 @@ def merge_lora_checkpoint(
         tokenizer = getattr(model, "tokenizer", None)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(hf_out))
+            from videollm.templates import TEMPLATES, write_chat_template
+
+            if getattr(model, "default_template", None) in TEMPLATES:
+                try:  # apply_chat_template for transformers users
+                    write_chat_template(hf_out, model.default_template)
+                except ConfigError as exc:
+                    logger.warning("no chat_template written: %s", exc)
         logger.info("wrote the merged LLM to %s", hf_out)
     return out
 
@@ -459,9 +466,12 @@ def export_folder(
 
     Layout of ``out_dir``::
 
-        config.yaml            model section with every path pointing inside out_dir (absolute),
-                               plus the config's datasets/run sections
-        tokenizer/             tokenizer.model, added_tokens.json, special_tokens_map.json
+        config.yaml            model section with every path pointing inside out_dir, written
+                               relative to it (``./llm``; see :func:`videollm.config.load_config`)
+                               so that the folder can be moved or copied and still serves; plus
+                               the config's datasets/run sections
+        tokenizer/             tokenizer.model, added_tokens.json, special_tokens_map.json, and the
+                               chat template in Jinja (chat_template.jinja, tokenizer_config.json)
         llm/                   the HF folder of model.llama_model (linked/copied), or
                                save_pretrained of the random-init LLM
         encoders/              EVA ViT, BLIP-2 Q-Former (+ ln_vision) and ImageBind weights: the
@@ -485,7 +495,7 @@ def export_folder(
     from videollm.chat import resolve_checkpoint_pattern
     from videollm.config import load_config
     from videollm.models.imagebind import CHECKPOINT_FILENAME
-    from videollm.models.video_llama import AUDIO_BRANCH, PACKAGE_DIR, VIDEO_BRANCH
+    from videollm.models.video_llama import AUDIO_BRANCH, PACKAGE_DIR, VIDEO_BRANCH, template_for_model_type
     from videollm.registry import registry
     from videollm.tokenizer import load_tokenizer
 
@@ -520,8 +530,8 @@ def export_folder(
     # export only then): a failure or a full disk leaves the earlier export as it was.
     with atomic_folder(out, replace=replace) as work:
         def final(path: Path) -> str:
-            """Where ``path`` (inside the temporary folder) will be once the export is complete."""
-            return str(out / Path(path).relative_to(work))
+            """Where ``path`` (inside the temporary folder) will be, relative to the finished export."""
+            return "./" + Path(path).relative_to(work).as_posix()
 
         random_parts = _random_parts(m)
         model = None
@@ -538,7 +548,10 @@ def export_folder(
             model.language_model.save_pretrained(str(work / "llm"))
         tok_source = m.get("tokenizer") if m.get("tokenizer") is not None else m.get("llama_model")
         load_tokenizer(tok_source).save_pretrained(work / "tokenizer")
-        m["llama_model"], m["tokenizer"] = str(out / "llm"), str(out / "tokenizer")
+        from videollm.templates import write_chat_template
+
+        write_chat_template(work / "tokenizer", str(m.get("conv_template") or template_for_model_type(str(m.get("model_type", "")))))
+        m["llama_model"], m["tokenizer"] = "./llm", "./tokenizer"
 
         # Frozen encoders: the configured files, or the built (random) weights in the same layouts.
         enc = work / "encoders"
@@ -578,7 +591,7 @@ def export_folder(
             {"model": adapter, "config": {"exported_from": str(cfg_path), "ckpt": m.get("ckpt"), "ckpt_2": m.get("ckpt_2")}},
             work / "adapter.safetensors",
         )
-        m["ckpt"], m["ckpt_2"] = str(out / "adapter.safetensors"), ""
+        m["ckpt"], m["ckpt_2"] = "./adapter.safetensors", ""
         if "llama_proj.weight" in adapter:
             m["llama_proj_model"] = ""
         elif m.get("llama_proj_model"):
@@ -596,7 +609,8 @@ def export_folder(
                 full[root] = OmegaConf.to_container(cfg[root], resolve=True)
         header = (
             f"# Exported by `python -m videollm.convert export --cfg-path {cfg_path}`.\n"
-            "# Every path below is absolute and inside this folder; re-export after moving it.\n"
+            "# Every path below is inside this folder, written relative to it (./...): the folder can be\n"
+            "# moved or copied to another machine and loaded from there.\n"
             f"#   python demo.py --cfg-path {out / 'config.yaml'}\n"
         )
         (work / "config.yaml").write_text(header + OmegaConf.to_yaml(OmegaConf.create(full)))
