@@ -17,6 +17,8 @@ Two steps, two environments (the original needs transformers 4.28, videollm runs
    and greedy captions. Prints a report; exit status 1 on a mismatch.
 3. ``python scripts/llmva_gebc_parity.py metrics --out DIR --original GIT_DIR`` (videollm's
    environment, Java): the original's ``evaluation_utils.gebc_captioning_eval`` against ours.
+4. ``PYTHONPATH=/path/to/scipy python scripts/llmva_gebc_parity.py data --out DIR --original GIT_DIR``:
+   the original's ``GEBCDataset`` and collater against the ``gebc`` dataset on generated files.
 """
 
 from __future__ import annotations
@@ -242,9 +244,75 @@ def metrics(original: str) -> int:
     return 0 if ok else 1
 
 
+def data(out: Path, original: str) -> int:
+    """The original's ``GEBCDataset`` (its ``BaseDataset`` replaced by a stand-in; needs scipy for
+    ``interp1d``) against videollm's ``gebc`` dataset on generated files: the same samples, and
+    the same collated tensors (nearest resampling of the other features included)."""
+    import pickle
+
+    import numpy as np
+
+    from videollm.datasets.llmva_gebc_datasets import GEBCDataset as Ours
+
+    rel = "video_llama/datasets/datasets/gebc_dataset.py"
+    src = Path(original) / rel
+    text = src.read_text() if src.is_file() else subprocess.run(
+        ["git", f"--git-dir={original}", "show", f"HEAD:{rel}"], check=True, capture_output=True, text=True).stdout
+    tmp = Path(tempfile.mkdtemp())
+    pkg = tmp / "video_llama" / "datasets" / "datasets"
+    pkg.mkdir(parents=True)
+    for d in (tmp / "video_llama", tmp / "video_llama" / "datasets", pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "base_dataset.py").write_text(
+        "class BaseDataset:\n    def __init__(self, vis_processor=None, text_processor=None, vis_root=None, ann_paths=[]):\n"
+        "        self.annotation = []\n    def __len__(self):\n        return len(self.annotation)\n")
+    (pkg / "gebc_dataset.py").write_text(text)
+    sys.path.insert(0, str(tmp))
+    from video_llama.datasets.datasets.gebc_dataset import GEBCDataset as Theirs
+
+    rng = np.random.default_rng(0)
+    root = out / "gebc_data"
+    for sub in ("q", "intern", "omni"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ann, info = {}, {}
+    lengths = [1, 2, 5, 7, 96, 150, 13, 40]
+    for i, t in enumerate(lengths):
+        vid = f"vid{i:08d}"
+        info[vid] = float(rng.uniform(5, 12))
+        ts = sorted(rng.uniform(0.5, info[vid] - 0.5, size=2).round(3).tolist())
+        ann[vid] = [{"boundary_id": f"{vid}_{k}", "timestamp": ts[k], "prev_timestamp": ts[k - 1] if k else 0,
+                     "next_timestamp": ts[k + 1] if k + 1 < 2 else info[vid], "label": "Change of Action",
+                     "subject": f"s{i}{k}", "status_before": f"b{i}{k}", "status_after": f"a{i}{k}"} for k in range(2)]
+        np.save(root / "q" / f"{vid}.npy", rng.standard_normal((12, 32, 768)).astype(np.float32))
+        with open(root / "intern" / f"{vid}.pkl", "wb") as f:
+            pickle.dump(rng.standard_normal((t, 768)).astype(np.float32), f)
+        with open(root / "omni" / f"{vid}.pkl", "wb") as f:
+            pickle.dump(rng.standard_normal((max(1, t // 2), 1536)).astype(np.float32), f)
+    (root / "ann.json").write_text(json.dumps(ann))
+    (root / "info.json").write_text(json.dumps(info))
+    args = (str(root / "ann.json"), str(root / "info.json"), str(root / "q"), ["intern_video", "omni"],
+            [str(root / "intern"), str(root / "omni")], 96)
+    theirs, ours = Theirs(*args), Ours(*args)
+    ok = len(theirs) == len(ours)
+    for start in range(0, len(ours), 8):
+        idx = range(start, min(len(ours), start + 8))
+        a = theirs.collater([theirs[i] for i in idx])
+        b = ours.collater([ours[i] for i in idx])
+        for key in ("image_query_tokens", "other_features_list", "reference_points"):
+            same = a[key].dtype == b[key].dtype and torch.equal(a[key], b[key])
+            ok &= same
+            if not same:
+                print(f"batch {start}: {key} differs ({a[key].dtype} vs {b[key].dtype})")
+        for key in ("prompt", "text_input", "boundary_id"):
+            ok &= a[key] == b[key]
+    print(f"{len(ours)} samples, other-feature lengths {lengths} -> 96")
+    print("DATA PARITY OK" if ok else "DATA MISMATCH")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=("export", "reference", "metrics"))
+    p.add_argument("step", choices=("export", "reference", "metrics", "data"))
     p.add_argument("--out", required=True)
     p.add_argument("--original", default="", help="checkout or bare git dir of zjr2000/LLMVA-GEBC (reference step)")
     p.add_argument("--cfg-path", default="", help="export: take a real batch from this recipe's val split")
@@ -254,6 +322,8 @@ def main(argv=None) -> int:
         return export(Path(args.out), args.cfg_path, args.ckpt)
     if args.step == "metrics":
         return metrics(args.original)
+    if args.step == "data":
+        return data(Path(args.out), args.original)
     return reference(Path(args.out), args.original)
 
 
