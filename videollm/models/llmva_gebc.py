@@ -42,20 +42,23 @@ Quirks kept: in a batch, prompts are right-padded to the longest BEFORE the capt
 the generated tokens, as the original's ``prompt_wrap``; pads are masked and OPT's position ids
 skip them (pads themselves get position 1, 4.28's rule), but the first caption token of a
 shorter prompt is predicted at a pad position, so a caption depends on its batch
-(``fix_prompt_padding: true`` pads whole rows instead). The OPT is frozen but not forced to eval mode (its dropout acts in training, as in
-the original); the reference-point sinusoid is computed in float64 (the dataset's NumPy
+(``fix_prompt_padding: true`` pads whole rows instead). The OPT is frozen but not forced to
+eval mode (its dropout acts in training, as in the original); the reference-point sinusoid is computed in float64 (the dataset's NumPy
 doubles) and cast to float32; ``end_sym`` is read and ignored (the tokenizer's EOS is used); the
 caption + EOS is cut at ``max_txt_len`` tokens, so a 30-token caption loses its EOS; the
 original deletes ``llama_proj`` keys from the checkpoint's top level (a no-op: they live under
 ``model``) and then ignores them in its non-strict load; here they are dropped explicitly.
+
+``scripts/llmva_gebc_parity.py`` runs the original's model file under transformers 4.28 with
+this model's weights (strict load) and compares loss and beam/greedy captions (equal at tiny size).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
