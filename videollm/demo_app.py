@@ -20,9 +20,9 @@ input, "Upload & Start Chat" and "Restart" buttons, a beam slider (1-10), a temp
 * the server listens on 127.0.0.1 unless ``--host`` or ``--share`` is given;
 * examples are generated synthetic clips and an image (written to a cache folder at startup).
 
-Upload size has two limits: ``--max-upload-mb`` is checked by our handler (a chat message), and
-gradio itself refuses files above twice that (``max_file_size``); such a refusal is shown by
-gradio as an error toast. The upload cache is bounded too (:class:`UploadCache`): refused files
+Upload size has one limit, ``--max-upload-mb``: gradio refuses larger files as they arrive
+(``max_file_size``, an error toast naming that limit) and our handler checks it again (a chat
+message, for files that reach it another way). The upload cache is bounded too (:class:`UploadCache`): refused files
 are deleted at once, the files this app received are pruned oldest first whenever they total
 more than ``--max-cache-mb`` (checked at each upload and every ``cache_check_s`` seconds, so the
 bound can be exceeded by at most what arrives in that interval), and gradio's ``delete_cache``
@@ -52,11 +52,16 @@ from videollm.errors import VideoLLMError
 logger = logging.getLogger(__name__)
 
 ONLY_ONE_INPUT = "Currently, only one input is supported"
-UPLOAD_FIRST = "Please upload a video or an image first, then press 'Upload & Start Chat'."
-TITLE = """<h1 align="center">videollm: Video-LLaMA chat</h1>
-<p align="center">An audio-visual language model: upload a video (tick "Audio" to use its sound) or an image, then ask.</p>"""
+# One text for the "nothing uploaded yet" state, wherever it shows (chat message, placeholder).
+UPLOAD_FIRST = "Upload a video or an image first, then press 'Upload & Start Chat'."
+ASK_PLACEHOLDER = "Type a question and press Enter"
+UPLOADED_LABEL = "Chat started (Restart for new media)"
+IMAGE_ON_VIDEO = ("That file is an image: it was moved to the Image box. Press 'Upload & Start Chat' to chat about it.")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TITLE = """<h1 style="text-align:center; font-variant:normal; text-transform:none">videollm chat</h1>
+<p style="text-align:center">Model: {model}. Upload a video (tick "Audio" to use its sound) or an image, then ask.</p>"""
 NOTE = """### Note
-Video-LLaMA is a prototype model: it may misread complex scenes, long videos or specific domains,
+This is a research prototype: it may misread complex scenes, long videos or specific domains,
 and it can hallucinate. Interpret the answers with caution."""
 EXAMPLES_NOTE = "### Examples (generated synthetic media) are at the bottom of the page."
 DEFAULT_EXAMPLES_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "videollm" / "demo_examples"
@@ -354,7 +359,7 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
             history,
             gr.update(value=None, interactive=True),
             gr.update(value=None, interactive=True),
-            gr.update(value="", placeholder="Please upload your video or image first", interactive=False),
+            gr.update(value="", placeholder=UPLOAD_FIRST, interactive=False),
             gr.update(value="Upload & Start Chat", interactive=True),
             None,
             None,
@@ -385,7 +390,7 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
                 chatbot,
                 cleared if drop is not None and drop == video_path else gr.update(interactive=True),
                 cleared if drop is not None and drop == image_path else gr.update(interactive=True),
-                gr.update(interactive=False, placeholder="Upload a video or an image first"),
+                gr.update(interactive=False, placeholder=UPLOAD_FIRST),
                 gr.update(value="Upload & Start Chat", interactive=True),
                 None,
                 None,
@@ -398,6 +403,7 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
         kind, path = ("video", video_path) if video_path is not None else ("image", image_path)
         problem = check_upload(path, kind, opts)
         if problem:
+            logger.info("upload refused: %s: %s", os.path.basename(path), problem)
             return refuse(problem, drop=path)
         conv = new_conversation(opts.model_type, kind)
         img_list: List[Any] = []
@@ -410,6 +416,8 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
         except Exception as exc:  # every failure becomes a chat message
             if not isinstance(exc, VideoLLMError):
                 logger.exception("upload of %s failed", path)
+            else:
+                logger.info("upload refused: %s: %s", os.path.basename(path), exc)
             return refuse(_error_text(exc, path), drop=path)
         chatbot.append({"role": "user", "content": {"path": path}})
         what = "video and its sound" if kind == "video" and audio_flag and not notices else kind
@@ -421,8 +429,8 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
             chatbot,
             gr.update(interactive=False),
             gr.update(interactive=False),
-            gr.update(interactive=True, placeholder="Type and press Enter"),
-            gr.update(value="Start Chatting", interactive=False),
+            gr.update(interactive=True, placeholder=ASK_PLACEHOLDER),
+            gr.update(value=UPLOADED_LABEL, interactive=False),
             conv,
             img_list,
         )
@@ -437,7 +445,15 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
             chat.ask(user_message, chat_state)
         return "", chatbot, chatbot, chat_state
 
-    def answer(history, chat_state, img_list, num_beams, temperature):
+    def video_changed(video, image, history):
+        """An image dropped on the Video box moves to the Image box, with a message saying so."""
+        path = _media_path(video)
+        if path is None or not path.lower().endswith(IMAGE_SUFFIXES):
+            return gr.update(), gr.update(), history, history
+        chatbot = list(history or []) + [assistant(IMAGE_ON_VIDEO)]
+        return gr.update(value=None), gr.update(value=path), chatbot, chatbot
+
+    def answer(history, chat_state, img_list, num_beams, temperature, sample):
         """Streams -> chatbot, history, chat_state, img_list."""
         chatbot = list(history or [])
         if chat_state is None or not img_list:
@@ -454,7 +470,8 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
         try:
             for piece in chat.stream_answer(
                 chat_state, img_list, num_beams=int(num_beams), temperature=float(temperature),
-                max_new_tokens=opts.max_new_tokens, max_length=opts.max_length, notices=notices,
+                do_sample=bool(sample), max_new_tokens=opts.max_new_tokens, max_length=opts.max_length,
+                notices=notices,
             ):
                 text += piece
                 chatbot[-1] = assistant(text)
@@ -477,17 +494,22 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
 
     # gradio deletes this app's files older than cache_max_age_s; UploadCache bounds their size.
     delete_cache = (max(1, int(opts.cache_check_s)), max(1, int(opts.cache_max_age_s)))
-    with gr.Blocks(title="videollm: Video-LLaMA chat", delete_cache=delete_cache) as demo:
-        gr.Markdown(TITLE)
+    model_name = str(getattr(chat.model, "arch", "") or type(chat.model).__name__)
+    with gr.Blocks(title=f"videollm chat ({model_name})", delete_cache=delete_cache) as demo:
+        gr.Markdown(TITLE.format(model=model_name))
         with gr.Row():
             with gr.Column(scale=1):
-                video = gr.Video(label="Video", sources=["upload"], elem_id="video_input")
-                image = _path_image(type="filepath", label="Image", sources=["upload"], elem_id="image_input")
+                video = gr.Video(label="Video", sources=["upload"], elem_id="video_input", height=240)
+                gr.Markdown("Videos go in the Video box, still images in the Image box.", elem_id="media_hint")
+                image = _path_image(type="filepath", label="Image", sources=["upload"], elem_id="image_input", height=240)
                 gr.Markdown(EXAMPLES_NOTE)
                 upload_button = gr.Button(value="Upload & Start Chat", interactive=True, variant="primary", elem_id="upload_button")
                 clear = gr.Button("Restart", elem_id="restart_button")
+                sample = gr.Checkbox(value=False, label="Sample (off: greedy, the same answer every time)",
+                                     elem_id="sample_checkbox")
                 num_beams = gr.Slider(minimum=1, maximum=10, value=1, step=1, interactive=True, label="beam search numbers")
-                temperature = gr.Slider(minimum=0.1, maximum=2.0, value=1.0, step=0.1, interactive=True, label="Temperature")
+                temperature = gr.Slider(minimum=0.1, maximum=2.0, value=1.0, step=0.1, interactive=True,
+                                        label="Temperature (when sampling)")
                 audio = gr.Checkbox(interactive=True, value=False, label="Audio", elem_id="audio_checkbox")
                 gr.Markdown(NOTE)
             with gr.Column(scale=2):
@@ -496,11 +518,9 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
                 startup = [assistant(f"Notice: {n}") for n in opts.startup_notices]
                 # The chat history lives on the server (a State): the chatbot is output only.
                 history = gr.State(startup)
-                chatbot = gr.Chatbot(value=startup, label="Video-LLaMA", elem_id="chatbot", height=500)
-                text_input = gr.Textbox(
-                    label="User", elem_id="text_input", interactive=False,
-                    placeholder="Upload your image/video first, or click the examples at the bottom of the page.",
-                )
+                chatbot = gr.Chatbot(value=startup, label=model_name, elem_id="chatbot", height=500,
+                                     group_consecutive_messages=False)
+                text_input = gr.Textbox(label="User", elem_id="text_input", interactive=False, placeholder=UPLOAD_FIRST)
         gr.Examples(
             examples=[[str(examples["red_circle_right_with_sound.mp4"]), "What is moving in the video?"],
                       [str(examples["blue_square_up.mp4"]), "Which direction is the shape moving?"]],
@@ -514,8 +534,9 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
             [chatbot, history, video, image, text_input, upload_button, chat_state, img_list], api_name="upload",
             concurrency_limit=max(1, opts.upload_concurrency),
         )
+        video.upload(video_changed, [video, image, history], [video, image, chatbot, history])
         text_input.submit(ask, [text_input, history, chat_state], [text_input, chatbot, history, chat_state], api_name="ask").then(
-            answer, [history, chat_state, img_list, num_beams, temperature], [chatbot, history, chat_state, img_list],
+            answer, [history, chat_state, img_list, num_beams, temperature, sample], [chatbot, history, chat_state, img_list],
             api_name="answer",
         )
         clear.click(restart, [chat_state, img_list],
@@ -534,12 +555,13 @@ def launch(demo, *, host: Optional[str] = None, port: Optional[int] = None, shar
         demo.upload_cache.start()
     return demo.launch(
         server_name=server_name, server_port=port, share=share, prevent_thread_lock=not block,
-        max_file_size=f"{int(max(1, 2 * max_upload_mb))}mb", show_error=True, quiet=not block,
+        max_file_size=f"{int(max(1, max_upload_mb))}mb", show_error=True, quiet=not block,
     )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="demo.py", description="Gradio chat with a Video-LLaMA model")
+    parser = argparse.ArgumentParser(prog="demo.py", description="Gradio chat with a video LLM (any registered model)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--port", type=int, default=None, help="server port (default: gradio's 7860 or the next free one)")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1: this machine only)")
