@@ -686,6 +686,14 @@ def run_cache_command(args: Any) -> int:
             import torch.distributed as dist
 
             dist.barrier()
+            every: List[Any] = [None] * world
+            dist.all_gather_object(every, counts)
+            for other in every[1:]:  # this run's totals over the ranks
+                for key in ("shards_written", "shards_skipped", "samples", "bad"):
+                    counts[key] += other[key]
+                for reason, n in other["bad_by_reason"].items():
+                    counts["bad_by_reason"][reason] = counts["bad_by_reason"].get(reason, 0) + n
+                counts["seconds"] = max(counts["seconds"], other["seconds"])
             if rank == 0:
                 counts["complete"] = finish_index(args.out)
     finally:
