@@ -242,6 +242,14 @@ def test_stop_sequences_cut_plain_and_streamed_answers(http, media):
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_without_max_tokens_a_long_prompt_gets_the_room_left(http):
+    r = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [
+        {"role": "user", "content": "lorem ipsum " * 30}]})  # ~290 tokens: less room than the default 256
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert MAX_LENGTH - 256 < usage["prompt_tokens"] < MAX_LENGTH and usage["total_tokens"] <= MAX_LENGTH
+
+
 def test_max_tokens_and_sampling_settings(http, media):
     messages = [video_message(media["clips"][1].as_uri(), "What is moving?")]
     short = http.post("/v1/chat/completions", json=body(messages, max_tokens=2)).json()
@@ -310,6 +318,10 @@ def _bad_cases(media):
         "media in an assistant message": (body([ok_text, {"role": "assistant", "content": [
             {"type": "video_url", "video_url": {"url": "x"}}]}, ok_text]), 400, "invalid_value", "user messages"),
         "stop of the wrong type": (body([ok_text], stop=[1, 2]), 400, "invalid_value", "stop"),
+        "messages and max_tokens over the context": (body([{"role": "user", "content": "lorem ipsum " * 50}],
+                                                          max_tokens=100), 400, "context_length_exceeded",
+                                                     "maximum context length is 512"),
+        "deeply nested JSON": (b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", "nested"),
     }
 
 
@@ -318,7 +330,8 @@ CASES = ["missing file", "unsupported scheme", "bare path", "file outside the ro
          "malformed JSON", "JSON that is not an object", "unknown model", "no model", "too many media",
          "max_tokens zero", "max_tokens over the context", "max_tokens not a number", "temperature out of range",
          "n above 1", "empty messages", "last message from the assistant", "unknown role", "unknown part type",
-         "media in an assistant message", "stop of the wrong type"]
+         "media in an assistant message", "stop of the wrong type", "messages and max_tokens over the context",
+         "deeply nested JSON"]
 
 
 def assert_error(response: httpx.Response, status: int, code, contains: str = "") -> dict:

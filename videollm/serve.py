@@ -186,6 +186,7 @@ class CompletionRequest:
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     stop: List[str] = dataclasses.field(default_factory=list)
+    max_tokens_given: bool = False  # False: the server's default, shortened to fit the context
 
     @property
     def do_sample(self) -> bool:
@@ -251,6 +252,8 @@ def parse_request(raw: bytes, cfg: ServeConfig) -> CompletionRequest:
     except json.JSONDecodeError as exc:
         raise _invalid(f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
                        None, "invalid_json") from None
+    except RecursionError:
+        raise _invalid("the request body is nested too deeply", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object", None, "invalid_json")
     model = body.get("model")
@@ -324,7 +327,7 @@ def parse_request(raw: bytes, cfg: ServeConfig) -> CompletionRequest:
     if not any(t.text.strip() or t.media for t in dialogue if t.role == "user"):
         raise _invalid("the user messages are empty", "messages", "invalid_value")
     return CompletionRequest(model, turns, stream, bool(options.get("include_usage")), int(max_tokens),
-                             temperature, top_p, stops)
+                             temperature, top_p, stops, max_tokens_given=body.get(key) is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,6 +620,7 @@ class Batcher:
                     self._answer_stream(group[0])
                 else:
                     self._answer_group(group)
+                self.chat.pop_notices()  # already logged; the chat's list must not grow forever
             except BaseException as exc:  # noqa: BLE001 - answered as a 500, the loop goes on
                 logger.exception("batcher: unexpected failure")
                 for job in group:
@@ -920,14 +924,21 @@ def create_app(chat: "Chat", cfg: ServeConfig):
         """In a worker thread: resolve and decode media, build the conversation and the settings."""
         t0 = time.perf_counter()
         conv, img_list = build_conversation(chat, cfg.template, req.turns, files, with_audio=cfg.audio)
+        prompt_tokens = prompt_token_count(chat, conv, img_list)
+        if prompt_tokens + req.max_tokens > max_length:
+            room = max_length - prompt_tokens
+            if req.max_tokens_given or room < 1:
+                raise _invalid(f"this model's maximum context length is {max_length} tokens; the messages take "
+                               f"{prompt_tokens} and {req.max_tokens} were requested for the completion; shorten "
+                               "the messages or lower max_tokens", "messages", "context_length_exceeded")
+            req = dataclasses.replace(req, max_tokens=room)
         overrides: Dict[str, Any] = {"max_new_tokens": req.max_tokens, "max_length": max_length,
                                      "do_sample": req.do_sample, "num_beams": 1}
         if req.do_sample:
             overrides["temperature"] = req.temperature
             if req.top_p is not None:
                 overrides["top_p"] = req.top_p
-        job = Job(req, conv, img_list, chat.generation.replace(**overrides),
-                  prompt_tokens=prompt_token_count(chat, conv, img_list))
+        job = Job(req, conv, img_list, chat.generation.replace(**overrides), prompt_tokens=prompt_tokens)
         batcher._count(prepare_s=time.perf_counter() - t0)
         return job
 
@@ -1033,7 +1044,7 @@ class ServerThread:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 graceful_s: float = 2.0, start_timeout: float = 30.0) -> None:
+                 graceful_s: float = 2.0, start_timeout: float = 180.0) -> None:
         self.app, self.host, self.port = app, host, port
         self.log_level, self.graceful_s, self.start_timeout = log_level, graceful_s, start_timeout
         self.server = None
