@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 import random
 import sys
 
@@ -25,7 +26,8 @@ import torch
 def parse_args(argv=None) -> argparse.Namespace:
     from videollm.config import add_common_args
 
-    parser = argparse.ArgumentParser(description="Train a videollm model from a config file.")
+    parser = argparse.ArgumentParser(description="Train a videollm model from a config file.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -60,6 +62,7 @@ def run_output_dir(args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> dict:
+    t_start = time.perf_counter()
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
     setup_logging(rank)
@@ -91,9 +94,14 @@ def main(argv=None) -> dict:
             log.info("effective config saved to %s", path)
         runner_cls = registry.get_runner_class(str(run.get("runner", "runner_iter")))
         runner = runner_cls(cfg, task, model, datasets, dist_info=info)
+        t_train = time.perf_counter()
         summary = runner.train()
         if info.is_main:
             log.info("done: %s", {k: v for k, v in summary.items() if k != "eval"})
+            wall = time.perf_counter() - t_start
+            log.info("wall time: %.0f s in all (set-up %.0f s, training %.0f s, evaluation %.0f s)", wall,
+                     t_train - t_start, summary.get("train_seconds", 0.0),
+                     max(0.0, time.perf_counter() - t_train - summary.get("train_seconds", 0.0)))
         return summary
     except VideoLLMError as exc:
         hint = ""

@@ -267,3 +267,14 @@ def test_full_size_layout_and_trainable_count_on_meta(preset, hidden, layers, vo
     assert sum(p.numel() for p in m.visual_encoder.parameters()) == 985_894_528
     assert sum(p.numel() for p in m.Qformer.parameters()) == 105_137_664
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == expected
+
+
+def test_missing_weights_error_lists_every_missing_path(tmp_path):
+    cfg = tiny_cfg(vit_ckpt=str(tmp_path / "eva_vit_g.pth"), q_former_model=str(tmp_path / "blip2.pth"),
+                   ckpt=str(tmp_path / "finetune.pth"))
+    with pytest.raises(ConfigError) as err:
+        VideoLLAMA.from_config(cfg)
+    text = str(err.value)
+    for key, name in (("vit_ckpt", "eva_vit_g.pth"), ("q_former_model", "blip2.pth"), ("ckpt", "finetune.pth")):
+        assert f"model.{key}: {tmp_path / name}" in text
+    assert "EVA ViT-g weights" in text and "blip2_pretrained_flant5xxl.pth" in text

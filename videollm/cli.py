@@ -38,7 +38,8 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m videollm.cli", description="Chat about a video or an image")
+    parser = argparse.ArgumentParser(prog="python -m videollm.cli", description="Chat about a video or an image",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(parser)
     media = parser.add_mutually_exclusive_group(required=True)
     media.add_argument("--video", help="video file")

@@ -778,6 +778,8 @@ def format_inspect(report: Mapping[str, Any], show_keys: bool = True, limit: int
         verdict = "fits" if not r["shape_mismatches"] else f"{len(r['shape_mismatches'])} shape mismatches"
         loads = f"; loads cleanly as {' and '.join(r['loads_as'])}" if r["loads_as"] else ""
         lines.append(f"model {name}: {verdict}{loads}")
+        if not show_keys and r["shape_mismatches"]:
+            continue  # --no-keys: the verdict line only, for the candidates that do not fit
         for mm in r["shape_mismatches"][:limit]:
             lines.append(f"    {mm['key']}: file {tuple(mm['file'])} vs model {tuple(mm['model'])}")
         if r["unexpected"]:
@@ -797,7 +799,8 @@ def format_inspect(report: Mapping[str, Any], show_keys: bool = True, limit: int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m videollm.convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m videollm.convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("strip", help="drop optimizer/scaler for release")
     s.add_argument("src", metavar="IN")

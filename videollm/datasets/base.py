@@ -187,6 +187,16 @@ class CaptionDatasetMixin:
         return collate_caption(samples)
 
 
+def _describe_size(dataset: Any) -> str:
+    """"360 samples", "rendered on the fly (1,000,000 per epoch)" or "a stream" for the log."""
+    if not hasattr(dataset, "__len__"):
+        return "a stream"
+    n = len(dataset)
+    if type(dataset).__name__.startswith("Synthetic"):
+        return f"rendered on the fly ({n:,} per epoch)"
+    return f"{n:,} samples"
+
+
 def build_datasets_from_config(datasets_cfg: DictConfig) -> Dict[str, Dict[str, Dataset]]:
     """Every dataset of an assembled ``datasets:`` section: ``{name: {split: Dataset}}``."""
     out: Dict[str, Dict[str, Dataset]] = {}
@@ -198,8 +208,7 @@ def build_datasets_from_config(datasets_cfg: DictConfig) -> Dict[str, Dict[str, 
             from videollm.feature_cache import wrap_cached
 
             out[str(name)] = wrap_cached(str(name), out[str(name)], datasets_cfg[name], builder.config.feature_cache)
-        sizes = {s: (len(d) if hasattr(d, "__len__") else "stream") for s, d in out[str(name)].items()}
-        logger.info("dataset %s: %s", name, sizes)
+        logger.info("dataset %s: %s", name, ", ".join(f"{s}: {_describe_size(d)}" for s, d in out[str(name)].items()))
     return out
 
 

@@ -259,7 +259,8 @@ class VideoLLM(nn.Module):
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         """A checkpoint's ``model`` entry: the trainable parameters plus ALL buffers (LAVIS layout)."""
-        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
+        # every name of a tied frozen weight (OPT's lm_head is its embedding) counts as frozen
+        frozen = {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k not in frozen}
 
     # DDP: parameters unused in some steps need find_unused_parameters.

@@ -180,6 +180,7 @@ class VideoLLAMA(VideoLLM):
         if cfg.vit_model != "eva_clip_g":
             raise ConfigError(f"model.vit_model: '{cfg.vit_model}' is not supported; use eva_clip_g")
 
+        self._check_weight_paths(cfg)
         self.default_template = cfg.conv_template or template_for_model_type(cfg.model_type)
         if self.default_template not in CHAT_TEMPLATES:
             raise ConfigError(f"model.conv_template: {self.default_template!r} unknown; choose one of {CHAT_TEMPLATES}")
@@ -240,6 +241,34 @@ class VideoLLAMA(VideoLLM):
     @property
     def tokenizer(self):
         return self.llama_tokenizer
+
+    # What each weight key of the config is, as published (names of the released files).
+    WEIGHT_FILES = {
+        "llama_model": "the LLM folder (Hugging Face LLaMA / Vicuna / LLaMA-2-Chat; Vicuna v0 after apply_delta.py)",
+        "tokenizer": "the tokenizer folder (tokenizer.model)",
+        "vit_ckpt": "EVA ViT-g weights, eva_vit_g.pth",
+        "q_former_model": "BLIP-2 Q-Former weights, blip2_pretrained_flant5xxl.pth",
+        "llama_proj_model": "MiniGPT-4 projection, pretrained_minigpt4.pth",
+        "ckpt": "Video-LLaMA vision-language checkpoint (e.g. finetune-vicuna7b-v2.pth)",
+        "ckpt_2": "Video-LLaMA audio-language checkpoint (e.g. finetune_vicuna7b_audiobranch.pth)",
+        "imagebind_ckpt_path": "the folder holding imagebind_huge.pth",
+    }
+
+    @classmethod
+    def _check_weight_paths(cls, cfg: VideoLLAMAConfig) -> None:
+        """Every configured weight path that does not exist, in ONE error (not the first only)."""
+        missing = []
+        for key, what in cls.WEIGHT_FILES.items():
+            value = getattr(cfg, key, None)
+            if key == "tokenizer" and value in (None, "", "tiny"):
+                continue
+            if key == "imagebind_ckpt_path" and not cfg.equip_audio_branch:
+                continue
+            if value and not Path(str(value)).exists():
+                missing.append(f"  model.{key}: {value}  ({what})")
+        if missing:
+            raise ConfigError("these weight files/folders do not exist:\n" + "\n".join(missing) +
+                              "\nsee README 'Use the released models' for where each file comes from")
 
     @property
     def ddp_find_unused_parameters(self) -> bool:  # both branches trainable, one used per batch
@@ -559,7 +588,8 @@ class VideoLLAMA(VideoLLM):
             if vis_processor is None:
                 vis_processor = registry.get_processor_class("alpro_video_eval").from_config(
                     OmegaConf.create({"image_size": size, "n_frms": n_frms}))
-            video, msg = load_video(source, n_frms=n_frms, height=size, width=size, sampling="uniform",
+            # options: sampling (default the original's uniform), fps, max_frames, clip (segment seconds)
+            video, msg = load_video(source, n_frms=n_frms, height=size, width=size, sampling=options.pop("sampling", "uniform"),
                                     return_msg=True, timeout=timeout, isolate=isolate, **options)
             return Media("video", vis_processor.transform(video), {"path": str(source), "msg": msg})
         if kind == "image":

@@ -599,7 +599,14 @@ class RunnerIter:
         if self.dist.is_main and global_start < total:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=global_start, desc="train", unit="it", dynamic_ncols=True)
+            import sys
+
+            # On a terminal a live bar; in a log file (not a TTY) a line every 5 % instead of
+            # carriage-return updates that pile up into one huge line.
+            tty = sys.stderr.isatty()
+            bar = tqdm(total=total, initial=global_start, desc="train", unit="it", dynamic_ncols=tty,
+                       mininterval=0.1 if tty else 1e9, miniters=None if tty else max(1, total // 20),
+                       ncols=None if tty else 100)
         start_time = time.perf_counter()
         self.wrapped.train()
         try:
