@@ -251,3 +251,18 @@ def test_every_format_trains_every_model(arch, tmp_path, tmp_path_factory, media
         out["loss"].backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.slow
+def test_fps_sampling_at_inference_in_the_chat(media):
+    """Chat(media_options=...) / --sampling fps --fps N --max-frames M reach the model's video loading."""
+    from videollm.chat import Chat
+
+    cfg = OmegaConf.load(PRESETS / "video_llama_tiny.yaml").model
+    model = registry.get_model_class("video_llama").from_config(cfg).eval()
+    clip = str(media / "clips" / "a.mp4")
+    default = Chat(model, media_options={"isolate": False})._load(clip, "video")  # in-process decode: fast
+    assert default.data.shape[1] == 8 and default.meta["msg"].startswith("The video contains 8 frames")
+    chat = Chat(model, media_options={"sampling": "fps", "fps": 2.0, "max_frames": 3, "isolate": False})
+    m = chat._load(clip, "video")
+    assert m.data.shape[1] == 3 and "sampled at 0.0, 1.0, 1.5 seconds" in m.meta["msg"], m.meta["msg"]

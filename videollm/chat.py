@@ -201,6 +201,9 @@ class Chat:
         model: a :class:`~videollm.models.base.VideoLLM` (in eval mode, placed on ``device``).
         vis_processor / image_processor / n_frms: overrides of the model's own chat media
             processing (passed to ``model.load_media``; None: the model's defaults).
+        media_options: more keyword options for ``model.load_media``, e.g. frame sampling at
+            inference ``{"sampling": "fps", "fps": 2.0, "max_frames": 32}`` (Video-LLaMA passes
+            them to :func:`~videollm.processors.video_loader.load_video`).
         device: where the inputs go (the model must already be there).
         timeout: seconds before a decode is abandoned (video and audio).
         generation: the default :class:`GenerationSettings` of every answer.
@@ -218,10 +221,11 @@ class Chat:
         n_frms: Optional[int] = None,
         timeout: Optional[float] = 30.0,
         generation: Optional[GenerationSettings] = None,
+        media_options: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
-        self.media_options: Dict[str, Any] = {}
+        self.media_options: Dict[str, Any] = dict(media_options or {})
         if vis_processor is not None:
             self.media_options["vis_processor"] = vis_processor
         if image_processor is not None:
@@ -657,6 +661,10 @@ def add_model_args(parser) -> None:
     mem.add_argument("--load-in-4bit", action="store_true", help="load the LLM in 4 bits (model.load_in_4bit, bitsandbytes)")
     mem.add_argument("--device-map", default=None, help="model.device_map for the LLM, e.g. 'auto' to spread it over GPUs")
     mem.add_argument("--vit-on-cpu", action="store_true", help="keep the vision encoder on the CPU in fp32 (model.vit_on_cpu)")
+    frames = parser.add_argument_group("frame sampling of uploaded videos (default: the model's own)")
+    frames.add_argument("--sampling", default=None, help="uniform, middle, linspace, keyframe or fps (with --fps)")
+    frames.add_argument("--fps", type=float, default=None, help="frames per second for --sampling fps")
+    frames.add_argument("--max-frames", type=int, default=None, help="cap on the frames of --sampling fps")
 
 
 def add_generation_args(parser, greedy_default: bool = True) -> None:
@@ -756,7 +764,8 @@ def build_chat_from_args(args) -> Tuple["Chat", str, List[str]]:
     if proc_cfg is not None:
         vis_processor = registry.get_processor_class(str(proc_cfg.name)).from_config(proc_cfg)
         n_frms = int(proc_cfg.get("n_frms", 8))  # a model trained on fewer frames is asked with as many
-    chat = Chat(model, vis_processor, device=device, n_frms=n_frms)
+    media_options = {k: getattr(args, k) for k in ("sampling", "fps", "max_frames") if getattr(args, k, None) is not None}
+    chat = Chat(model, vis_processor, device=device, n_frms=n_frms, media_options=media_options)
     template = args.model_type or model.default_template
     get_template(template)  # an unknown name fails here, naming the registered ones
     return chat, template, notices
