@@ -289,6 +289,13 @@ def test_loss_is_over_the_attended_positions_only():
         a = m({**padded, "media": [one["images"][0]]})["loss"]
         b = m({**padded_to_max, "media": [one["images"][0]]})["loss"]
     torch.testing.assert_close(a, b)
+    # labels under padding (attention 0) never count, even when they are real token ids
+    noisy = dict(padded_to_max)
+    noisy["labels"] = noisy["labels"].clone()
+    noisy["labels"][noisy["attention_mask"] == 0] = 7
+    with torch.no_grad():
+        c = m({**noisy, "media": [one["images"][0]]})["loss"]
+    torch.testing.assert_close(a, c)
 
 
 # ------------------------------------------------------------------------------ prompts and labels
@@ -446,3 +453,13 @@ def test_videochat2_records_build_batches(tmp_path):
     assert torch.isfinite(out["loss"]) and out["num_tokens"] > 0
     frames, indices, fps = pp.load_frames(tmp_path / "v.mp4", 4, "middle", clip=(0.5, 1.5))
     assert all(4 <= i <= 12 for i in indices) and frames.shape == (4, 48, 64, 3)
+
+
+def test_floor_cosine_schedule_is_the_originals():
+    from videollm.runners.lr_sched_floor import floor_cosine_multiplier
+
+    assert floor_cosine_multiplier(0, 20, 100, 0.25) == 0.25  # the warm-up starts at the floor
+    assert floor_cosine_multiplier(10, 20, 100, 0.25) == 0.5
+    assert floor_cosine_multiplier(20, 20, 100, 0.25) == 1.0
+    assert floor_cosine_multiplier(60, 20, 100, 0.25) == pytest.approx(0.5)  # half-way through the cosine
+    assert floor_cosine_multiplier(90, 20, 100, 0.25) == 0.25  # clipped, not rescaled

@@ -262,6 +262,7 @@ class PLLaVAConfig:
     end_signal: List[str] = field(default_factory=lambda: [" ", "</s>"])
     begin_signal: str = ""
     conv_template: str = "plain"  # the chat template (see PLLAVA_TEMPLATES)
+    caption_question: str = "Describe the video."  # the question of caption-style evaluation (generation_inputs)
 
 
 def parse_pooling_shape(value: Any, key: str = "model.pooling_shape") -> Tuple[int, int, int]:
@@ -743,7 +744,7 @@ class PLLaVA(VideoLLM):
         kind = "video" if images.dim() == 5 else "image"
         embeds = self.encode_media([Media(kind, x) for x in images])
         conv = template.new_conversation(kind)
-        conv.append_message(conv.roles[0], template.media_message(kind) + "What is moving in the video?")
+        conv.append_message(conv.roles[0], template.media_message(kind) + self.cfg.caption_question)
         conv.append_message(conv.roles[1], None)
         prompt = conv.get_prompt()
         rows = [segments_from_prompt(self._tokenizer, prompt, IMAGE_TOKEN, [e]) for e in embeds]
