@@ -309,3 +309,18 @@ def test_full_state_dict_loads_strictly_with_only_documented_tolerated_keys():
     partial = {k: v for k, v in state.items() if not k.startswith("llama_proj.")}
     with pytest.raises(CheckpointError, match="llama_proj"):
         fresh.load_weights(partial, WeightSource("branch.pth", provides=("llama_proj.",)), strict=True)
+
+
+def test_validation_every_epoch_keeps_the_best_checkpoint(tmp_path, tokenizer_dir, synthetic_root):
+    import json as _json
+
+    cfg = run_cfg(tmp_path / "v", tokenizer_dir, synthetic_root, max_epoch=2, iters_per_epoch=2,
+                  valid_every_epoch=True, keep_best_by="color_accuracy", keep_last_checkpoints=1)
+    runner = make_runner(cfg)
+    runner.train()
+    out = tmp_path / "v"
+    assert (out / "eval_epoch_0" / "eval_results.json").is_file() and (out / "eval_epoch_1" / "eval_results.json").is_file()
+    best = _json.loads((out / "best.json").read_text())
+    assert best["metric"] == "color_accuracy" and best["epoch"] in (0, 1)
+    assert (out / "checkpoint_best.pth").is_file() and (out / "checkpoint_1.pth").is_file()
+    assert not (out / "checkpoint_0.pth").exists()  # pruned (keep 1); the best is never pruned

@@ -151,6 +151,8 @@ class RunConfig:
     evaluate: bool = False
     eval_max_new_tokens: int = bounded(16, ge=1)
     eval_scorer: str = "synthetic_attributes"  # a registered scorer (registry.register_scorer)
+    valid_every_epoch: bool = False  # evaluate valid_splits after every epoch
+    keep_best_by: Optional[str] = None  # a metric: the best epoch is kept as checkpoint_best.pth
     train_splits: List[str] = field(default_factory=lambda: ["train"])
     valid_splits: List[str] = field(default_factory=list)
     test_splits: List[str] = field(default_factory=list)

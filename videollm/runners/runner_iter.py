@@ -135,6 +135,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+BEST_NAME = "checkpoint_best.pth"
+
+
 def _saved_run(state: Dict[str, Any]) -> Dict[str, Any]:
     """The ``run`` section of the config stored in a checkpoint ({} if none)."""
     config = state.get("config")
@@ -422,7 +425,7 @@ class RunnerIter:
         keep = int(self.run.get("keep_last_checkpoints", 2))
         if keep <= 0:
             return
-        files = [p for p in self.output_dir.glob("checkpoint_*.pth")]
+        files = [p for p in self.output_dir.glob("checkpoint_*.pth") if p.name != BEST_NAME]
         files.sort(key=lambda p: p.stat().st_mtime_ns)
         for old in files[:-keep]:
             old.unlink(missing_ok=True)
@@ -614,6 +617,8 @@ class RunnerIter:
                 first = self.start_iter if epoch == self.start_epoch else 0
                 self._train_epoch(epoch, first, bar)
                 self.save(epoch, self.iters_per_epoch, f"checkpoint_{epoch}.pth")
+                if self.run.get("valid_every_epoch", False):
+                    self.validate_epoch(epoch)
                 if self.dist.is_main:
                     logger.info("bad samples, %s", self.bad_samples.summary())
                 if epoch + 1 < self.max_epoch:
@@ -636,6 +641,46 @@ class RunnerIter:
             summary["eval"] = self.evaluate()
         self.train_summary = summary
         return summary
+
+    # ------------------------------------------------------------------ per-epoch validation
+    def validate_epoch(self, epoch: int) -> Optional[Dict[str, Any]]:
+        """The task's evaluation of ``run.valid_splits`` (default ``val``) after an epoch; with
+        ``run.keep_best_by`` (a metric name, e.g. ``agg_metrics``) the best epoch's weights are
+        kept as ``checkpoint_best.pth`` (never pruned). Results go to ``eval_epoch_N.json``; the
+        best so far to ``best.json`` (read again on resume)."""
+        import json
+
+        from videollm.evaluation import write_results
+
+        results: Dict[str, Any] = {}
+        if self.dist.is_main:
+            splits = list(self.run.get("valid_splits", []) or []) or ["val"]
+            view = OmegaConf.merge(self.run, {"test_splits": [], "valid_splits": splits})
+            self.model.eval()
+            results = self.task.evaluate(self.model, self.datasets, view, self.device)
+            self.model.train()
+            if results:
+                path = write_results(results, self.output_dir / f"eval_epoch_{epoch}")
+                key = self.run.get("keep_best_by", None)
+                if key:
+                    values = [r["metrics"].get(key) for r in results.values() if isinstance(r.get("metrics"), dict)]
+                    values = [float(v) for v in values if isinstance(v, (int, float))]
+                    if not values:
+                        logger.warning("run.keep_best_by %r: not among the metrics of epoch %d (%s)", key, epoch,
+                                       sorted(next(iter(results.values())).get("metrics", {})))
+                    else:
+                        best_file = self.output_dir / "best.json"
+                        best = json.loads(best_file.read_text()) if best_file.is_file() else None
+                        if best is None or values[0] > best["value"]:
+                            save_atomic(self.checkpoint_state(epoch), self.output_dir / BEST_NAME)
+                            best_file.write_text(json.dumps({"epoch": epoch, "metric": key, "value": values[0]}) + "\n")
+                            logger.info("epoch %d: %s %.4f, the best so far -> %s", epoch, key, values[0], BEST_NAME)
+                        else:
+                            logger.info("epoch %d: %s %.4f (best %.4f at epoch %d)", epoch, key, values[0],
+                                        best["value"], best["epoch"])
+                logger.info("validation after epoch %d -> %s", epoch, path)
+        dist.barrier()
+        return results
 
     def _train_epoch(self, epoch: int, first: int, bar: Any) -> None:
         window_tokens, ref_tokens, window_poisoned, in_window = 0.0, 0.0, False, 0
