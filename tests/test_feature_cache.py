@@ -286,3 +286,45 @@ def test_runner_trains_from_cache_as_from_files(built, tmp_path):
     assert bad_a == bad_b
     assert all(torch.allclose(wa[n], wb[n], atol=1e-6, rtol=0) for n in wa)
     assert any(not torch.equal(wa[n], built["model"].state_dict()[n]) for n in wa)  # it trained
+
+
+def test_instruction_and_image_batches_from_cache_equal_raw(synthetic_root, tmp_path):
+    """Stage 2 (VideoChat video instructions through the model's processor; image captions with
+    a drawn prompt): the same loss and gradients from the cache."""
+    import random
+
+    import_all()
+    root = synthetic_root
+    cfg = load_config(REPO / "train_configs/tiny_stage2.yaml", [
+        f"datasets.cc_sbu_align.build_info.storage={root / 'cc_sbu_align'}",
+        "datasets.cc_sbu_align.vis_processor.train.name=blip2_image_eval",
+        f"datasets.llava_instruct.build_info.anno_dir={root / 'llava/llava_instruct.json'}",
+        f"datasets.llava_instruct.build_info.videos_dir={root / 'llava/train2014'}",
+        f"datasets.webvid_instruct.build_info.anno_dir={root / 'videochat/videochat_instruct.json'}",
+        f"datasets.webvid_instruct.build_info.videos_dir={root / 'videos'}",
+        "datasets.webvid_instruct.vis_processor.train.name=alpro_video_eval"])
+    del cfg.datasets["llava_instruct"]
+    torch.manual_seed(0)
+    task = setup_task(cfg)
+    raw = task.build_datasets(cfg)
+    raw = {n: {"train": torch.utils.data.Subset(s["train"], range(4))} for n, s in raw.items()}
+    for n, s in raw.items():
+        s["train"].collater = s["train"].dataset.collater
+    model = task.build_model(cfg)
+    out = tmp_path / "s2"
+    assert build_cache(cfg, out, shard_size=4, model=model, datasets=raw, progress=False)["complete"]
+    model.train()
+    for name in ("webvid_instruct", "cc_sbu_align"):
+        ds = raw[name]["train"]
+        cached = FeatureCacheDataset(out, name, "train", ds, cfg.datasets[name])
+        results = []
+        for d in (ds, cached):
+            batch = model.prepare_batch(d.collater([d[i] for i in range(3)]))
+            assert bool(batch.get(FEATURES_KEY)) is (d is cached)
+            assert ("input_ids" in batch) is (name == "webvid_instruct")
+            random.seed(5)  # the caption path draws its prompt with Python's random
+            results.append(_loss_and_grads(model, batch))
+        (la, ga), (lb, gb) = results
+        assert abs(la.item() - lb.item()) <= 1e-6, name
+        assert ga.keys() == gb.keys() and ga
+        assert all(torch.allclose(ga[n], gb[n], atol=1e-6, rtol=0) for n in ga), name
