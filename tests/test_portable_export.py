@@ -127,3 +127,18 @@ def test_exported_folder_moved_elsewhere_still_serves(tmp_path):
     msgs = [{"role": "user", "content": "Hi"}]
     assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
         prompt_of_messages("vicuna", msgs, True)
+
+
+def test_load_config_resolves_dot_paths_from_the_config_folder(tmp_path, monkeypatch):
+    from videollm.config import load_config
+
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    cfg = folder / "config.yaml"
+    cfg.write_text("model:\n  arch: video_llama\n  model_type: tiny\n  ckpt: ./adapter.safetensors\n"
+                   "  llama_model: ../shared/llm\n  prompt_path: prompts/alignment_image.txt\n")
+    monkeypatch.chdir(tmp_path)  # the working directory does not matter for ./ paths
+    m = load_config(cfg).model
+    assert m.ckpt == str(folder / "adapter.safetensors")
+    assert m.llama_model == str(tmp_path / "shared" / "llm")
+    assert m.prompt_path == "prompts/alignment_image.txt"  # other relative paths keep their meaning
