@@ -386,6 +386,13 @@ def test_chat_answers_through_the_contract(tmp_path):
     batch = chat.answer_batch(convs, lists, max_new_tokens=5)
     assert isinstance(single, str) and len(batch) == 2
     assert batch[0][0] == single  # left-padded batching gives the single answer
+    # the prompt is tokenised whole, as PllavaProcessor does (the placeholder id replaced by the medium)
+    prompt = "USER:<image>\nWhat is moving in the video?</s>ASSISTANT:"
+    emb = torch.zeros(64, 64)
+    segs = m.prompt_segments(prompt, [emb])
+    whole = m.tokenizer(prompt)["input_ids"]
+    k = whole.index(m.image_token_index)
+    assert segs[0].ids.tolist() == whole[:k] and segs[1].embeds is emb and segs[2].ids.tolist() == whole[k + 1:]
 
 
 # ------------------------------------------------------------------------------ preprocessing

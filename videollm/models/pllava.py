@@ -735,10 +735,16 @@ class PLLaVA(VideoLLM):
         return {"loss": loss, "num_tokens": (shift_labels != IGNORE_INDEX).sum(), "seq_len": merged.labels.shape[1]}
 
     # ------------------------------------------------------------------ evaluation
+    def prompt_segments(self, prompt: str, media_embeds: Sequence[torch.Tensor]):
+        """A chat prompt -> segments as PllavaProcessor tokenises it: the WHOLE prompt at once (BOS
+        added, ``<image>`` a special token inside it), then each ``<image>`` id replaced by its
+        medium's tokens. (Tokenising the pieces between placeholders apart gives other ids after
+        the placeholder with SentencePiece tokenizers.) Used by the Chat for every prompt."""
+        ids = self._tokenizer(prompt, return_tensors="pt")["input_ids"][0].long()
+        return segments_from_ids(ids, self.image_token_index, list(media_embeds), where="prompt")
+
     def generation_inputs(self, batch: Dict[str, Any]):
         """Caption-style evaluation prompt: the chat template's question-less prompt per clip."""
-        from videollm.models.merge import segments_from_prompt
-
         template = TEMPLATES[self.default_template]
         images = batch["image"]
         kind = "video" if images.dim() == 5 else "image"
@@ -747,7 +753,7 @@ class PLLaVA(VideoLLM):
         conv.append_message(conv.roles[0], template.media_message(kind) + self.cfg.caption_question)
         conv.append_message(conv.roles[1], None)
         prompt = conv.get_prompt()
-        rows = [segments_from_prompt(self._tokenizer, prompt, IMAGE_TOKEN, [e]) for e in embeds]
+        rows = [self.prompt_segments(prompt, [e]) for e in embeds]
         merged = self._merge(rows, padding_side="left")
         return merged.inputs_embeds, merged.attention_mask
 
