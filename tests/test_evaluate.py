@@ -86,6 +86,7 @@ def test_the_offline_benchmark_is_in_the_mvbench_and_msvd_qa_layouts_with_held_o
     assert sorted(s.answer for s in qa.samples) == sorted(s.options["ABCD".index(s.answer)] for s in mc.samples)
 
 
+@pytest.mark.slow
 def test_a_run_writes_records_summary_table_and_chart(chat, bench_root, tmp_path):
     from videollm.benchmarks import load_benchmark
     from videollm.chat import GenerationSettings
@@ -164,6 +165,7 @@ def test_a_missing_video_is_an_error_record_and_a_rerun_retries_only_it(chat, be
     assert summary["errors"] == 0 and summary["answered"] == 12
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_skips_answered_samples_and_ends_with_the_same_records(chat, bench_root, tmp_path, monkeypatch):
     from videollm import evaluate as ev
     from videollm.benchmarks import load_benchmark

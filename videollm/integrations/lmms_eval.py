@@ -1,7 +1,8 @@
 """lmms-eval integration: the ``videollm`` model, and task folders for videollm's benchmarks.
 
     pip install --no-deps lmms-eval          # plus what it imports at run time: see the dev extra
-    lmms-eval --model videollm --model_args cfg_path=eval_configs/tiny.yaml,batch_size=8 \\
+    python -m videollm.synthetic_bench --out data/synthetic_bench --lmms-eval-task
+    lmms-eval --model videollm --model_args cfg_path=eval_configs/tiny.yaml --batch_size 8 \\
         --tasks videollm_mvbench --include_path data/synthetic_bench/lmms_eval_task
 
 lmms-eval finds plugin models through the ``lmms_eval.models`` entry-point group (its

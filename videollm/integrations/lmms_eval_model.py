@@ -2,9 +2,10 @@
 
 ``--model_args`` (``key=value,...``): ``cfg_path`` (an eval config, required), ``ckpt`` (a
 file or glob replacing ``model.ckpt``), ``model_type`` (chat template; default the model's),
-``batch_size`` (questions per ``generate`` call, default 1), ``device`` ("cpu", "cuda",
+``device`` ("cpu", "cuda",
 "cuda:1"; default CUDA when available), ``options`` (config overrides separated by spaces or
-semicolons, as ``--options``), ``max_new_tokens`` (a cap over the task's).
+semicolons, as ``--options``), ``max_new_tokens`` (a cap over the task's). lmms-eval's own
+``--batch_size`` sets how many questions go into one ``generate`` call (default 1).
 
 ``generate_until`` answers each request as a one-turn conversation about its video(s) with the
 task's text as the question; ``generate_until_multi_round`` keeps one conversation per document
