@@ -393,8 +393,10 @@ class PllavaBatchProcessor:
 
     def __init__(self, tokenizer_kind: str, tokenizer_path: Optional[str], *, max_txt_l: int = 512,
                  pad_to_max_length: bool = True, system: str = "", roles: Sequence[str] = ("USER:", "ASSISTANT:"),
-                 end_signal: Sequence[str] = (" ", "</s>"), begin_signal: str = "", tokenizer: Any = None) -> None:
+                 end_signal: Sequence[str] = (" ", "</s>"), begin_signal: str = "", tokenizer: Any = None,
+                 image_token_index: Optional[int] = None) -> None:
         self.tokenizer_kind, self.tokenizer_path = tokenizer_kind, tokenizer_path
+        self.image_token_index = image_token_index
         self.max_txt_l, self.pad_to_max_length = int(max_txt_l), bool(pad_to_max_length)
         self.system, self.roles = system, tuple(roles)
         self.end_signal, self.begin_signal = tuple(end_signal), begin_signal
@@ -449,7 +451,7 @@ class PllavaBatchProcessor:
         if "conversations" not in batch or "input_ids" in batch:
             return batch
         tok = self.tokenizer
-        image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        image_id = self.image_token_index if self.image_token_index is not None else tok.convert_tokens_to_ids(IMAGE_TOKEN)
         convs = batch["conversations"]
         instructions = batch.get("instructions") or [""] * len(convs)
         paths = batch.get("paths") or [f"<sample {i}>" for i in range(len(convs))]
@@ -567,6 +569,10 @@ class PLLaVA(VideoLLM):
         self._tokenizer = build_pllava_tokenizer(cfg.tokenizer_kind, tok_path)
         self.image_token_index = (int(cfg.image_token_index) if cfg.image_token_index is not None
                                   else self._tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        if self._tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != self.image_token_index:
+            logger.warning("model.image_token_index %d differs from the tokenizer's <image> id %d: prompts must then "
+                           "carry the id %d themselves", self.image_token_index,
+                           self._tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), self.image_token_index)
         if self._tokenizer.pad_token_id is None:
             raise ConfigError("model.tokenizer: no pad token (the original requires pad_token_id)")
 
@@ -692,7 +698,7 @@ class PLLaVA(VideoLLM):
             self._processor = PllavaBatchProcessor(
                 c.tokenizer_kind, tok_path, max_txt_l=c.max_txt_l, pad_to_max_length=c.pad_to_max_length,
                 system=c.system, roles=c.roles, end_signal=c.end_signal, begin_signal=c.begin_signal,
-                tokenizer=self._tokenizer)
+                tokenizer=self._tokenizer, image_token_index=self.image_token_index)
         return self._processor
 
     def _merge(self, rows, padding_side: str = "right") -> MergedInputs:
