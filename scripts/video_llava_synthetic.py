@@ -10,7 +10,9 @@ questions into the LLaVA JSON format (``llava/video_llava_train.json``: ``{"vide
 "conversations"}`` with ``<video>`` before the first question), read by the ``llava_json``
 builder. ``eval`` asks every held-out (test split) clip the demo's question "What is moving in
 the video?" through the Chat API (greedy) and reports how often the answer names the clip's
-colour, shape and direction, and how often it is the exact expected sentence.
+colour, shape and direction, and how often it is the exact expected sentence; then "Which
+direction is the shape moving?" as the follow-up question (``direction_followup``, how the
+training data asks it) and as the first question of a fresh chat (``direction_question``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 QUESTION = "What is moving in the video?"
+DIRECTION_QUESTION = "Which direction is the shape moving?"
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -56,7 +59,7 @@ def evaluate(args: argparse.Namespace) -> int:
     data = Path(args.data)
     manifest = json.loads((data / "manifest.json").read_text())
     test = [v for v in manifest["videos"] if v["split"] == "test"][: args.limit or None]
-    hits = {"color": 0, "shape": 0, "direction": 0, "exact": 0}
+    hits = {"color": 0, "shape": 0, "direction": 0, "exact": 0, "direction_followup": 0, "direction_question": 0}
     examples = []
     t0 = time.time()
     for v in test:
@@ -71,8 +74,18 @@ def evaluate(args: argparse.Namespace) -> int:
         hits["direction"] += v["direction"] in words
         expected = f"A {v['color']} {v['shape']} is moving {v['direction']}."
         hits["exact"] += text.strip() == expected
+        chat.ask(DIRECTION_QUESTION, conv)  # the demo's second question as a follow-up (as in training)
+        follow, _ = chat.answer(conv, imgs, max_new_tokens=16)
+        hits["direction_followup"] += v["direction"] in follow.lower().replace(".", " ").split()
+        conv = get_template(template).new_conversation()  # ... and as the first question of a chat
+        imgs = []
+        chat.upload_video_without_audio(str(data / v["path"]), conv, imgs)
+        chat.ask(DIRECTION_QUESTION, conv)
+        text2, _ = chat.answer(conv, imgs, max_new_tokens=16)
+        hits["direction_question"] += v["direction"] in text2.lower().replace(".", " ").split()
         if len(examples) < 6:
-            examples.append({"clip": v["path"], "expected": expected, "answer": text})
+            examples.append({"clip": v["path"], "expected": expected, "answer": text, "followup": follow,
+                             "direction_first": text2})
     n = max(len(test), 1)
     result = {"clips": len(test), "question": QUESTION, "greedy": True,
               "accuracy": {k: round(100.0 * h / n, 1) for k, h in hits.items()},

@@ -59,7 +59,8 @@ def test_cli_eval_config_parses():
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     chat, template, notices = build_chat_from_args(parser.parse_args(["--cfg-path", CFG, "--cpu", "--ckpt", ""]))
-    assert template == "video_llava" and isinstance(chat.model, VideoLLaVA)
+    assert template == "vicuna_v1" and isinstance(chat.model, VideoLLaVA)
+    assert chat.model.hf.config.vision_config.hidden_size == 64  # the recipe's towers
 
 
 @pytest.mark.slow
