@@ -271,3 +271,27 @@ def test_the_cli_names_bad_input(tmp_path, eval_cfg):
     assert ev.main(["--cfg-path", str(eval_cfg), "--cpu", "--benchmark", "mvbench", "--data-root", str(tmp_path)],
                    err=err) == 2
     assert "json" in err.getvalue() and "DataError" in err.getvalue()
+
+
+def test_open_ended_qa_end_to_end_with_a_local_judge(chat, bench_root, tmp_path):
+    from test_benchmarks import FakeJudge
+
+    from videollm.benchmarks import load_benchmark
+    from videollm.benchmarks.judge import SYSTEM_PROMPT, JudgeClient
+    from videollm.chat import GenerationSettings
+    from videollm.evaluate import EvalOptions, evaluate
+
+    c, template = chat
+    bench = load_benchmark("msvd_qa", bench_root / "msvd_qa")
+    with FakeJudge() as fake:
+        opts = EvalOptions(batch_size=6, generation=GenerationSettings(max_new_tokens=4), progress=False,
+                           judge=JudgeClient(fake.url, model="fake-judge", timeout=5))
+        summary = evaluate(c, template, bench, tmp_path, opts)
+    assert len(fake.requests) == 12
+    recs = records(tmp_path / "predictions.jsonl")
+    assert all(r["judge"]["model"] == "fake-judge" and r["judge"]["raw"].startswith("{'pred'") for r in recs)
+    assert all(r["judge"]["messages"][1]["content"].endswith("{'pred': 'yes', 'score': 4.8}.") for r in recs)
+    yes = sum(r["judge"]["pred"] == "yes" for r in recs)
+    assert summary["judge_accuracy"] == round(100 * yes / 12, 2) and summary["judged"] == 12
+    assert summary["contains"] == round(100 * sum(r["contains"] for r in recs) / 12, 2)  # judge-free, always there
+    assert summary["judge"]["model"] == "fake-judge" and summary["judge"]["system_prompt"] == SYSTEM_PROMPT
