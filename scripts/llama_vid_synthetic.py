@@ -14,10 +14,11 @@
   1-fps sampling gives 1 to 4 frames (2 to 8 visual tokens); ``short_train.json`` /
   ``short_test.json``: LLaMA-VID JSON with two-turn conversations (the colour, the shape or the
   length in seconds, in random order: the second turn's tokens are conditioned on its own question);
-* ``long/train/*.pkl``: "long videos" as feature files: 8 parts of 20 s (160 s, 160 frames at
-  1 fps, 320 visual tokens), each part one static shape of a distinct colour/shape pair, with a
-  subtitle "part <n>" at its start; questions "What is shown in part <n>?" -> "a <color> <shape>"
-  and "In which part is the <color> <shape>?" -> "part <n>"; ``long_train.json``;
+* ``long/train/*.pkl``: "long videos" as feature files: 8 parts of 12 s (96 s, 96 frames at
+  1 fps, 192 visual tokens), each part one static shape of a distinct colour/shape pair, with a
+  subtitle "part <n>" at its start; questions "What is shown in part <n>?" -> "a <color> <shape>",
+  "In which part is the <color> <shape>?" -> "part <n>", "What is shown first/last?";
+  ``long_train.json``;
 * ``long/test/*.mp4`` + ``.srt``: held-out long videos as video files with subtitles, turned into
   feature files by ``python -m videollm.features llama-vid`` in ``eval`` (the demo's path), with
   ``long_test.json`` holding the questions.
@@ -44,7 +45,7 @@ from videollm.long_video import MOVIE_END, MOVIE_START  # noqa: E402
 from videollm.synthetic import COLORS, SHAPES, ClipSpec, DIRECTIONS, ImageSpec, render_image, write_clip  # noqa: E402
 
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
-PARTS, PART_SECONDS, SIZE = 8, 20, 32
+PARTS, PART_SECONDS, SIZE = 8, 12, 32
 TINY = ROOT / "videollm/configs/models/llama_vid_tiny.yaml"
 
 
@@ -75,12 +76,17 @@ def _subtitles(parts):
             for k in range(len(parts))]
 
 
+def _long_questions(parts):
+    """Every question about one long video: (question, answer, kind)."""
+    qs = [(f"What is shown in part {NUMBERS[k]}?", f"a {c} {s}", "what_is_in_part_n") for k, (c, s) in enumerate(parts)]
+    qs += [(f"In which part is the {c} {s}?", f"part {NUMBERS[k]}", "which_part_has_x") for k, (c, s) in enumerate(parts)]
+    qs += [("What is shown first?", "a {} {}".format(*parts[0]), "first"), ("What is shown last?", "a {} {}".format(*parts[-1]), "last")]
+    return qs
+
+
 def _long_qa(rng: random.Random, parts):
-    k = rng.randrange(len(parts))
-    color, shape = parts[k]
-    if rng.random() < 0.5:
-        return f"What is shown in part {NUMBERS[k]}?", f"a {color} {shape}"
-    return f"In which part is the {color} {shape}?", f"part {NUMBERS[k]}"
+    q, a, _ = rng.choice(_long_questions(parts))
+    return q, a
 
 
 def _srt(subs) -> str:
@@ -154,9 +160,7 @@ def cmd_data(args) -> int:
             name = f"{i:05d}"
             _write_mp4(out / "long/test" / f"{name}.mp4", frames)
             (out / "long/test" / f"{name}.srt").write_text(_srt(subs))
-            qs = [(f"What is shown in part {NUMBERS[k]}?", f"a {c} {s}") for k, (c, s) in enumerate(parts)]
-            qs += [(f"In which part is the {c} {s}?", f"part {NUMBERS[k]}") for k, (c, s) in enumerate(parts)]
-            long_test.append({"video": f"long/test/{name}.mp4", "qa": qs})
+            long_test.append({"video": f"long/test/{name}.mp4", "qa": _long_questions(parts)})
     (out / "long_train.json").write_text(json.dumps(long_train, indent=0))
     (out / "long_test.json").write_text(json.dumps(long_test, indent=0))
     print(f"{args.num_clips} clips ({len(short['train'])} train), {args.num_long} long train videos "
@@ -218,7 +222,7 @@ def cmd_eval(args) -> int:
         items = json.loads((data / "long_test.json").read_text())
         feat_dir = data / "long/test_features"
         cfg_tiny = str(TINY)
-        correct = {"what": [0, 0], "which": [0, 0]}
+        correct = {}
         for item in items:
             mp4 = data / item["video"]
             rc = features.main(["llama-vid", "--video", str(mp4), "--out", str(feat_dir), "--model-config", cfg_tiny,
@@ -226,18 +230,17 @@ def cmd_eval(args) -> int:
             if rc:
                 raise SystemExit(f"feature extraction failed for {mp4}")
             pkl = feat_dir / (mp4.stem + ".pkl")
-            for q, truth in item["qa"]:
+            for q, truth, kind in item["qa"]:
                 conv, imgs = template.new_conversation(), []
                 chat.upload_video_without_audio(str(pkl), conv, imgs)
                 chat.ask(q, conv)
                 answer, _ = chat.answer(conv, imgs, max_new_tokens=8)
-                key = "what" if q.startswith("What") else "which"
-                correct[key][0] += _match(answer, truth)
-                correct[key][1] += 1
+                hit = correct.setdefault(kind, [0, 0])
+                hit[0] += _match(answer, truth)
+                hit[1] += 1
         results["long"] = {"videos": len(items), "frames_per_video": PARTS * PART_SECONDS,
-                           "what_is_in_part_n": correct["what"][0] / max(1, correct["what"][1]),
-                           "which_part_has_x": correct["which"][0] / max(1, correct["which"][1]),
-                           "questions": correct["what"][1] + correct["which"][1]}
+                           **{k: v[0] / v[1] for k, v in correct.items()},
+                           "questions": sum(v[1] for v in correct.values())}
     print(json.dumps(results, indent=1))
     return 0
 
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
     d.add_argument("--num-test-clips", type=int, default=60)
     d.add_argument("--num-long", type=int, default=240)
     d.add_argument("--num-test-long", type=int, default=4)
-    d.add_argument("--questions-per-long", type=int, default=4)
+    d.add_argument("--questions-per-long", type=int, default=8)
     e = sub.add_parser("eval")
     e.add_argument("--cfg-path", default="eval_configs/llama_vid_tiny.yaml")
     e.add_argument("--ckpt", required=True)

@@ -49,6 +49,7 @@ def video(frames: int = 3, seed: int = 0) -> Media:
 
 
 # ------------------------------------------------------------------ full size (meta device)
+@pytest.mark.slow  # ~20 s for the first case on a loaded 2-core machine (the 7B LLaMA on meta)
 @pytest.mark.parametrize("stage,trainable", [
     (1, 22_552_576 + 1_082_752 + 1_983_872 + 5_771_264),  # mm_projector + the three vlm_att projections
     (2, 7_941_388_160 - 985_894_528),  # everything but EVA
@@ -457,3 +458,57 @@ def test_dataset_builder_emits_media_and_conversations(tmp_path):
     assert image.shape == (3, 32, 32) and image[:, 0].abs().max() < 0.02  # the pad rows normalise to ~0
     assert batch["media"][2].data.shape == (2, 16, 64) and batch["media"][2].meta["inputs"] == "<image>a<image>"
     assert len(batch["bad_samples"]) == 1
+
+
+def test_eva_position_embedding_interpolated_and_rounded_to_fp16(tmp_path, bert_dir, model):
+    """336 px from a 224 px checkpoint: pos_embed resized bicubically from the file's grid, then the
+    tower is cast whole to fp16 (the original's vision_tower.to(float16)), rounding it too."""
+    from videollm.models.eva_vit import interpolate_pos_embed
+
+    eva = tmp_path / "eva.pth"
+    state = model.model.vision_tower.vision_tower.state_dict()  # 32 px, 4x4 grid
+    torch.save(state, eva)
+    big = build_tiny(bert_dir, image_size=48, vision_tower=str(eva), vit_precision="fp16")  # 6x6 grid
+    pos = big.model.vision_tower.vision_tower.pos_embed
+    assert pos.dtype == torch.float16 and pos.shape == (1, 37, 64)
+    torch.testing.assert_close(pos, interpolate_pos_embed(state["pos_embed"], 6).half(), atol=0, rtol=0)
+    assert big.encode_media([Media("image", torch.randn(3, 48, 48))], "what?")[0].shape == (2, 64)
+
+
+def test_clip_processor_matches_transformers():
+    import transformers
+    from PIL import Image
+
+    from videollm.processors.clip_image import CLIPImageProcessor, fps_indices
+
+    ref = transformers.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                          do_center_crop=True, resample=3)
+    for shape in ((180, 300, 3), (301, 200, 3)):
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8))
+        want = torch.tensor(np.asarray(ref.preprocess(img, return_tensors="np")["pixel_values"][0]))
+        torch.testing.assert_close(CLIPImageProcessor(224)(img), want, atol=1e-6, rtol=0)
+    assert fps_indices(100, 29.97) == list(range(0, 100, 30)) and fps_indices(10, 4.0) == [0, 4, 8]
+
+
+def test_feature_extraction_subcommand_and_batch_inference(tmp_path, bert_dir):
+    from videollm import features, infer
+    from videollm.long_video import read_feature_file
+    from videollm.synthetic import ClipSpec, write_clip
+
+    write_clip(tmp_path / "v.mp4", ClipSpec("v", "circle", "red", "left", "slow"), width=32, height=32, fps=4, duration=3)
+    (tmp_path / "v.srt").write_text("1\n00:00:00,000 --> 00:00:01,500\nhello there\n")
+    tiny = Path(__file__).resolve().parents[1] / "videollm/configs/models/llama_vid_tiny.yaml"
+    assert features.main(["llama-vid", "--video", str(tmp_path / "v.mp4"), "--out", str(tmp_path / "f"),
+                          "--model-config", str(tiny), "--device", "cpu"]) == 0
+    feats, inputs = read_feature_file(tmp_path / "f" / "v.pkl")
+    assert feats.shape == (3, 17, 64) and feats.dtype == np.float16
+    assert inputs == "<image><image>hello there<image>"
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model:\n  arch: llama_vid\n  model_type: tiny\n  stage: 0\n  bert_tokenizer: {bert_dir}\n"
+                   "  chat_template: llamavid_vicuna_v1\n")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"video": "v.mp4", "question": "What color?"}) + "\n"
+                                      + json.dumps({"video": "f/v.pkl", "question": "What is said?"}) + "\n")
+    rc = infer.main(["--cfg-path", str(cfg), "--input", str(tmp_path / "q.jsonl"), "--output",
+                     str(tmp_path / "a.jsonl"), "--max-new-tokens", "3", "--cpu"])
+    lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert rc == 0 and len(lines) == 2 and all("answer" in x for x in lines), lines
