@@ -5,7 +5,6 @@ and the full-size (7B) layout on the meta device."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
@@ -128,6 +127,9 @@ def test_greedy_tokens_equal_transformers(model):
         ref = model.hf.generate(**kw, max_new_tokens=8, do_sample=False, min_new_tokens=8,
                                 pad_token_id=model.tokenizer.pad_token_id)
     assert torch.equal(ours, ref[:, kw["input_ids"].shape[1]:])
+    # the evaluation harness's caption prompt: a batch of clips, left-padded
+    embeds, mask = model.generation_inputs({"image": torch.stack([video.data, video.data])})
+    assert embeds.shape[:2] == mask.shape and embeds.shape[1] > model.num_media_tokens(video)
 
 
 def test_chat_prompt_and_answer_equal_transformers(model, tmp_path):

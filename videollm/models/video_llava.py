@@ -74,7 +74,7 @@ from torch import nn
 
 from videollm.conversation import Conversation, SeparatorStyle
 from videollm.datasets.bad_samples import BadInput
-from videollm.errors import CheckpointError, ConfigError, PromptError
+from videollm.errors import ConfigError, PromptError
 from videollm.models.base import FreezePlan, Media, VideoLLM, WeightSource
 from videollm.models.merge import IGNORE_INDEX, MergedInputs, Segment, merge_segments
 from videollm.processors.transforms import CLIP_MEAN, CLIP_STD
