@@ -266,3 +266,34 @@ def test_fps_sampling_at_inference_in_the_chat(media):
     chat = Chat(model, media_options={"sampling": "fps", "fps": 2.0, "max_frames": 3, "isolate": False})
     m = chat._load(clip, "video")
     assert m.data.shape[1] == 3 and "sampled at 0.0, 1.0, 1.5 seconds" in m.meta["msg"], m.meta["msg"]
+
+
+@pytest.mark.slow
+def test_runner_trains_on_a_sharegpt_file_with_bad_records(tmp_path, media):
+    """The whole training path (config -> builder -> mixing loader in a worker -> the model's
+    processor -> runner): the bad record is counted in the run's summary, the loss falls."""
+    import sys
+
+    from omegaconf import OmegaConf as OC
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_contract import LLM, WORDS, make_runner
+
+    from videollm.config import RunConfig, with_defaults
+    from videollm.testing import write_tiny_bpe_tokenizer
+
+    tok = write_tiny_bpe_tokenizer(tmp_path / "tok", style="gpt2", vocab_size=300, texts=WORDS * 20)
+    ann = write(tmp_path, [SHAREGPT[0], SHAREGPT[2], SHAREGPT[4]])  # two good, one missing file
+    run = with_defaults({"output_dir": str(tmp_path / "run"), "max_epoch": 1, "iters_per_epoch": 6,
+                         "batch_size_train": 3, "log_freq": 1, "init_lr": 3e-3, "min_lr": 3e-3, "warmup_steps": 0,
+                         "seed": 0, "num_workers": 1, "plot_curves": False}, RunConfig)
+    entry = OC.merge(registry.get_builder_class("sharegpt").default_config(), {"build_info": {
+        "anno_path": ann, "media_dir": str(media), "n_frms": 2, "image_size": 16, "video_marker": "<image>"}})
+    cfg = OC.create({"model": {"arch": "toy_vlm", "tokenizer": str(tok), "llm_config": LLM},
+                     "datasets": {"sharegpt": entry}, "run": run})
+    summary = make_runner(cfg).train()
+    from videollm.runners.metrics import read_log
+
+    losses = [r["loss"] for r in read_log(tmp_path / "run")]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert summary["bad_samples"]["by_reason"] == {"missing": 6}, summary["bad_samples"]
