@@ -77,3 +77,22 @@ def test_infer_mixed_batch(folder, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert rc == 1  # one failed line
     assert "answer" in records[0] and "answer" in records[1] and "missing.mp4" in records[2]["error"]
+
+
+@pytest.mark.slow
+def test_qlora_trains_on_4bit_decoder(folder):
+    """QLoRA: a 4-bit decoder (bitsandbytes, CPU) with LoRA adapters trains; the towers stay full precision."""
+    pytest.importorskip("bitsandbytes")
+    from videollm.models.base import Media
+
+    cfg = OmegaConf.to_container(OmegaConf.load(PACKAGE_DIR / "configs/models/video_llava_tiny.yaml").model)
+    q = VideoLLaVA.from_config({**cfg, "model_path": str(folder / "model"), "load_in_4bit": True,
+                                "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    q.train()
+    ids = q.tokenizer("USER: <video>\nWhat? ASSISTANT: A red circle.</s>", return_tensors="pt")["input_ids"][0]
+    out = q({"input_ids": [ids], "labels": [ids.clone()], "media": [[Media("video", torch.randn(3, 8, 32, 32))]]})
+    out["loss"].backward()
+    lora = [p for n, p in q.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora)
+    assert not any(p.requires_grad for n, p in q.named_parameters() if "_tower." in n)
+    assert q.hf.model.image_tower.encoder.layers[0].self_attn.q_proj.weight.dtype == torch.float32
