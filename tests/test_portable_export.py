@@ -142,3 +142,18 @@ def test_load_config_resolves_dot_paths_from_the_config_folder(tmp_path, monkeyp
     assert m.ckpt == str(folder / "adapter.safetensors")
     assert m.llama_model == str(tmp_path / "shared" / "llm")
     assert m.prompt_path == "prompts/alignment_image.txt"  # other relative paths keep their meaning
+
+
+@pytest.mark.slow
+def test_video_llava_save_pretrained_carries_its_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from videollm.registry import registry
+
+    cfg = OmegaConf.load(Path(convert.__file__).parent / "configs/models/video_llava_tiny.yaml").model
+    model = registry.get_model_class("video_llava").from_config(cfg)
+    out = model.save_pretrained(tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    msgs = [{"role": "user", "content": "<video>\nWhat happens?"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        prompt_of_messages(model.default_template, msgs, True)

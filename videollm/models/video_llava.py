@@ -682,6 +682,9 @@ class VideoLLaVA(VideoLLM):
             m = copy.deepcopy(m).merge_and_unload()
         m.save_pretrained(str(out), safe_serialization=True)
         self.tokenizer.save_pretrained(str(out))
+        from videollm.templates import write_chat_template
+
+        write_chat_template(out, self.default_template)  # apply_chat_template renders our prompt
         return out
 
     @classmethod
