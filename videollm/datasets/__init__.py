@@ -10,7 +10,9 @@ Builders (``registry.get_builder_class(name).from_config(cfg).build_datasets()``
   (:mod:`~videollm.datasets.shard_datasets`; shards written by ``python -m videollm.datasets.shards``,
   or :func:`videollm.datasets.shards.write_shards`, not imported here so that ``-m`` runs cleanly);
 * ``synthetic_clips``: clips rendered on the fly for the tiny recipes
-  (:mod:`~videollm.datasets.synthetic_datasets`).
+  (:mod:`~videollm.datasets.synthetic_datasets`);
+* ``sharegpt``, ``llava_video``, ``videochat2_it``: common instruction-data formats for every
+  model (:mod:`~videollm.datasets.formats`, ``docs/bring_your_own_data.md``).
 
 Bad files become named, counted markers (:mod:`~videollm.datasets.bad_samples`), and
 :func:`~videollm.datasets.mixing.build_train_loader` mixes datasets one per batch by
