@@ -96,3 +96,16 @@ def test_qlora_trains_on_4bit_decoder(folder):
     assert lora and all(p.grad is not None for p in lora)
     assert not any(p.requires_grad for n, p in q.named_parameters() if "_tower." in n)
     assert q.hf.model.image_tower.encoder.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
+def test_export_command_writes_a_transformers_folder(folder, tmp_path, capsys):
+    from transformers import VideoLlavaForConditionalGeneration
+
+    from videollm.models import video_llava
+
+    assert video_llava.main(["export", "--cfg-path", str(folder / "eval.yaml"), "--out", str(tmp_path / "x")]) == 0
+    hf = VideoLlavaForConditionalGeneration.from_pretrained(str(tmp_path / "x"))
+    src = VideoLlavaForConditionalGeneration.from_pretrained(str(folder / "model"))
+    for (k, a), (_, b) in zip(sorted(hf.state_dict().items()), sorted(src.state_dict().items())):
+        assert torch.equal(a, b), k
+    assert (tmp_path / "x" / "tokenizer_config.json").is_file()

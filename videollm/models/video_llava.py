@@ -835,3 +835,28 @@ class VideoLLaVAProcessor:
             else:
                 out.append(t)
         return torch.tensor(out, dtype=torch.long)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python scripts/video_llava_export.py export --cfg-path CFG --out DIR``: the model of a
+    config (its ``model.ckpt`` training checkpoint loaded, a LoRA adapter merged) as a transformers
+    folder that ``VideoLlavaForConditionalGeneration.from_pretrained`` loads."""
+    import argparse
+
+    from videollm.config import add_common_args, load_config
+
+    parser = argparse.ArgumentParser(prog="scripts/video_llava_export.py", description=main.__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    exp = sub.add_parser("export", help="write a transformers folder")
+    add_common_args(exp)
+    exp.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    from videollm.chat import resolve_checkpoint_pattern
+
+    cfg = load_config(args.cfg_path, args.options)
+    if cfg.model.get("ckpt"):
+        cfg.model.ckpt, _ = resolve_checkpoint_pattern(str(cfg.model.ckpt))
+    model = VideoLLaVA.from_config(cfg.model)
+    out = model.save_pretrained(args.out)
+    print(f"wrote {out} (load with VideoLlavaForConditionalGeneration.from_pretrained)")
+    return 0
