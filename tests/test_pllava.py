@@ -194,6 +194,10 @@ def test_sharded_peft_named_folder_loads_exactly(tmp_path):
            "llm_dtype": "fp32", "lora": {"r": 8, "alpha": 16}}
     torch.manual_seed(99)
     _same_state(src, PLLaVA.from_config(cfg))
+    # the folder's config.json wins over a preset's dimensions
+    preset = tiny_cfg(model_dir=str(out))
+    preset["llm_config"] = {**preset["llm_config"], "num_hidden_layers": 5}
+    _same_state(src, PLLaVA.from_config(preset))
     # weight_dir given as well (the original's scripts pass the same folder twice)
     _same_state(src, PLLaVA.from_config({**cfg, "weight_dir": str(out)}))
     # a lost shard: its keys are missing, reported by name

@@ -555,9 +555,10 @@ class PLLaVA(VideoLLM):
             raise ConfigError("model.roles and model.end_signal: two entries each (user, assistant)")
         self.default_template = cfg.conv_template
         folder = read_folder_config(cfg.model_dir) if cfg.model_dir else {}
-        vision = {**CLIP_L14_336, **_clean(folder.get("vision_config") or {}), **cfg.vision_config}
+        # a folder's own config.json wins over the preset's dimensions (a 13B folder under a 7B preset is a 13B model)
+        vision = {**CLIP_L14_336, **cfg.vision_config, **_clean(folder.get("vision_config") or {})}
         vision.pop("model_type", None)
-        text = {**_clean(folder.get("text_config") or {}), **cfg.llm_config}
+        text = {**cfg.llm_config, **_clean(folder.get("text_config") or {})}
         if not text:
             raise ConfigError("model.llm_config: empty and no model_dir; give the LLM's config (model_type, sizes)")
         self.num_frames = int(cfg.num_frames or folder.get("num_frames") or 16)
