@@ -512,3 +512,13 @@ def test_feature_extraction_subcommand_and_batch_inference(tmp_path, bert_dir):
                      str(tmp_path / "a.jsonl"), "--max-new-tokens", "3", "--cpu"])
     lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert rc == 0 and len(lines) == 2 and all("answer" in x for x in lines), lines
+
+
+def test_generation_inputs_for_evaluation(model):
+    """The eval scripts' vicuna_v1 prompt, tokens conditioned on each row's question, left-padded."""
+    batch = {"media": [video(2), Media("image", torch.randn(3, 32, 32))], "questions": ["What color?", "Which shape is it?"]}
+    with torch.no_grad():
+        embeds, mask = model.generation_inputs(batch)
+        out = model.generate(embeds, mask, max_new_tokens=2, do_sample=False)
+    assert embeds.shape[0] == 2 and mask[:, -1].tolist() == [1, 1] and out.shape == (2, 2)
+    assert mask[0].sum() != mask[1].sum()  # a video of 2 frames (4 tokens) vs an image (2 tokens), different texts
