@@ -1,4 +1,4 @@
-"""PLLaVA under DeepSpeed ZeRO-3 on CPU (2 gloo processes): a few steps of the tiny recipe, and the
+"""PLLaVA under DeepSpeed ZeRO-3 with CPU offload (2 gloo processes): a few steps of the tiny recipe, and the
 checkpoint (parameters gathered from their partitions) loads into a plain single-process model."""
 
 from __future__ import annotations
@@ -23,8 +23,16 @@ RECIPE = REPO / "train_configs/pllava_tiny_synthetic.yaml"
 
 @pytest.mark.slow
 def test_zero3_two_processes_train_and_checkpoint_loads(tmp_path):
+    # the 13B/34B recipes' file: ZeRO-3, parameters and optimizer state offloaded to the CPU
+    # (bf16 and pinned memory are CUDA matters: dropped here)
+    shipped = json.loads((REPO / "train_configs/pllava_zero3_offload.json").read_text())
+    shipped.pop("bf16")
+    zero = shipped["zero_optimization"]
+    for key in ("offload_optimizer", "offload_param"):
+        zero[key]["pin_memory"] = False
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == zero["offload_optimizer"]["device"] == "cpu"
     ds_cfg = tmp_path / "zero3.json"
-    ds_cfg.write_text(json.dumps({"zero_optimization": {"stage": 3}, "steps_per_print": 1000}))
+    ds_cfg.write_text(json.dumps({**shipped, "steps_per_print": 1000}))
     out = tmp_path / "z3"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
