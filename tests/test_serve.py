@@ -173,6 +173,26 @@ def test_concurrent_requests_are_batched_and_answer_as_they_would_alone(chat, me
     assert lengths[0] < lengths[-1]  # each row kept its own max_tokens
 
 
+def test_requests_with_different_sampling_settings_are_never_batched_together(chat, media):
+    app = create_app(chat, ServeConfig(media_root=str(media["root"]), batch_wait_ms=400, **SERVE))
+    requests = [body([video_message(media["clips"][i % 3].as_uri(), "Q?")], **extra)
+                for i, extra in enumerate([{}, {"temperature": 0.7}, {}, {"temperature": 0.7}])]
+    with ServerThread(app) as srv:
+        statuses: list = []
+
+        def send(r: dict) -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                statuses.append(c.post("/v1/chat/completions", json=r).status_code)
+
+        threads = [threading.Thread(target=send, args=(r,)) for r in requests]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        sizes = httpx.get(srv.url + "/health").json()["recent_batches"]
+    assert statuses == [200] * 4 and sum(sizes) == 4 and max(sizes) <= 2
+
+
 def test_multi_turn_messages_follow_the_chat_template(chat, media):
     """system / user (video + text) / assistant / user map onto the conversation the Chat API
     builds for the same dialogue; consecutive user messages become one turn."""

@@ -58,8 +58,6 @@ request, 401 API key, 403 file outside the media root, 404 unknown model or URL,
 413 body too large, 503 queue full or shutting down, 504 timeout, 500 unexpected failure).
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import base64
@@ -82,11 +80,6 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlparse
-
-try:  # the "serve" extra; FastAPI resolves the endpoints' annotations in this module's namespace
-    from fastapi import Request
-except ImportError:  # pragma: no cover - create_app says what to install
-    Request = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:  # the heavy imports (torch) happen when a server is built, not for --help
     from videollm.chat import Chat, GenerationSettings
@@ -122,13 +115,14 @@ class ServeConfig:
     max_batch_size: int = 16
     batch_wait_ms: float = 5.0  # always waited for more after a group's first request
     # waited longer while other requests are still having their media decoded (they are coming)
-    arrival_wait_ms: float = 200.0
+    arrival_wait_ms: float = 1000.0
     max_queue: int = 256
     max_length: int = 2000  # context: prompt + new tokens (capped by the LLM's positions)
     default_max_tokens: int = 256
     max_tokens_limit: int = 1024
     request_timeout: float = 300.0
-    prepare_workers: int = 4  # media decodes at once
+    # media decodes at once: more than the cores only slows each decode and the generation down
+    prepare_workers: int = dataclasses.field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
     audio: bool = False  # use a video's sound (models with an audio branch)
 
 
@@ -802,12 +796,15 @@ def create_app(chat: "Chat", cfg: ServeConfig):
     """The FastAPI application serving ``chat`` (its own batching worker starts with the app)."""
     from contextlib import asynccontextmanager
 
-    if Request is None:
+    # Imported here, not at the top: every decode child process re-imports the main module
+    # (multiprocessing's forkserver), and FastAPI would cost each decode ~0.7 s.
+    try:
+        import anyio
+        from fastapi import FastAPI, Request
+    except ImportError:  # pragma: no cover - the "serve" extra is missing
         from videollm.errors import ConfigError
 
-        raise ConfigError("videollm.serve needs FastAPI and uvicorn: pip install -e '.[serve]'")
-    import anyio
-    from fastapi import FastAPI
+        raise ConfigError("videollm.serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -1113,13 +1110,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     lim.add_argument("--arrival-wait-ms", type=float, default=d.arrival_wait_ms,
                      help="wait up to this long while other requests are still decoding their media")
     lim.add_argument("--max-queue", type=int, default=d.max_queue)
+    lim.add_argument("--prepare-workers", type=int, default=d.prepare_workers,
+                     help="requests whose media are decoded at once (default: the CPU cores, at most 4)")
     lim.add_argument("--max-length", type=int, default=d.max_length, help="context limit: prompt + new tokens")
     lim.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     lim.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit)
     lim.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds")
     args = parser.parse_args(argv)
-    for name in ("max_body_mb", "max_media_mb", "max_media", "max_batch_size", "max_queue", "max_length",
-                 "default_max_tokens", "max_tokens_limit", "request_timeout"):
+    for name in ("max_body_mb", "max_media_mb", "max_media", "max_batch_size", "max_queue", "prepare_workers",
+                 "max_length", "default_max_tokens", "max_tokens_limit", "request_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.batch_wait_ms < 0 or args.arrival_wait_ms < 0:
@@ -1156,7 +1155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         max_body_bytes=int(args.max_body_mb * MB), max_media_bytes=int(args.max_media_mb * MB),
         max_media=args.max_media, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
         arrival_wait_ms=args.arrival_wait_ms,
-        max_queue=args.max_queue, max_length=args.max_length, default_max_tokens=args.default_max_tokens,
+        max_queue=args.max_queue, prepare_workers=args.prepare_workers, max_length=args.max_length, default_max_tokens=args.default_max_tokens,
         max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout, audio=args.audio,
     )
     import uvicorn
