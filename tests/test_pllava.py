@@ -378,7 +378,8 @@ def test_chat_answers_through_the_contract(tmp_path):
     m = tiny().eval()
     chat = Chat(m)
     medium = m.load_media(str(path), "video")
-    assert medium.data.shape == (3, 8, 32, 32)
+    assert medium.data.shape == (3, 8, 32, 32)  # decoded in a child process (isolate, the default)
+    assert torch.equal(m.load_media(str(path), "video", isolate=False).data, medium.data)
     convs, lists = [], []
     for q in ("What is moving in the video?", "Which direction?"):
         conv, imgs = new_conversation(m.default_template, "video"), []

@@ -669,16 +669,18 @@ class PLLaVA(VideoLLM):
         return list(out)
 
     def load_media(self, source: Any, kind: str, *, timeout: Optional[float] = 30.0, n_frms: Optional[int] = None,
-                   vis_processor: Any = None, image_processor: Any = None, **options: Any) -> Media:
+                   vis_processor: Any = None, image_processor: Any = None, isolate: bool = True,
+                   **options: Any) -> Media:
         """The original's inference processing: ``num_frames`` frames from the middle of as many
         segments, PllavaProcessor's resize, CLIP resize/crop/normalise. Images: the same rules on
-        one frame (repeated to ``num_frames`` in the projector)."""
+        one frame (repeated to ``num_frames`` in the projector). ``isolate``: videos are decoded in a
+        child process killed at ``timeout`` (chat uploads are untrusted), as Video-LLaMA's."""
         import numpy as np
 
         proc = vis_processor or pp.PllavaVideoEvalProcessor(image_size=self.image_size,
                                                              n_frms=int(n_frms or self.num_frames), timeout=timeout)
         if kind == "video":
-            frames, indices, fps = proc.load(source)
+            frames, indices, fps = proc.load(source, isolate=isolate)
             msg = pp_message(indices, fps)
             return Media("video", proc.transform(frames), {"path": str(source), "msg": msg})
         if kind == "image":

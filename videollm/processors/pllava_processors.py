@@ -148,6 +148,11 @@ def load_frames(path: Union[str, os.PathLike], n: int, sampling: str = "chat_mid
     return run_with_timeout(work, timeout, name)
 
 
+def _load_frames_child(path: str, n: int, sampling: str, backend: str) -> Tuple[np.ndarray, List[int], float]:
+    """:func:`load_frames` in a child process (the parent enforces the timeout by killing it)."""
+    return load_frames(path, n, sampling, backend=backend, timeout=None)
+
+
 # ----------------------------------------------------------------------------------------------
 # PllavaProcessor + CLIPImageProcessor
 # ----------------------------------------------------------------------------------------------
@@ -270,10 +275,18 @@ class PllavaVideoEvalProcessor:
         video = resize_crop_longshort([image[None]], self.image_size, self.long_side_cap)[0]
         return clip_preprocess(video, self.image_size, self.image_size, self.mean, self.std)[0]
 
-    def load(self, path: Union[str, os.PathLike], rng: Optional[random.Random] = None) -> Tuple[torch.Tensor, List[int], float]:
-        """A video file -> ``(3, T, H, W)`` 0..255 frames (full resolution), indices, fps."""
-        frames, indices, fps = load_frames(path, self.n_frms, self.sampling, backend=self.backend,
-                                           timeout=self.timeout, rng=rng)
+    def load(self, path: Union[str, os.PathLike], rng: Optional[random.Random] = None,
+             isolate: bool = False) -> Tuple[torch.Tensor, List[int], float]:
+        """A video file -> ``(3, T, H, W)`` 0..255 frames (full resolution), indices, fps.
+        ``isolate``: decode in a child process killed at the timeout (untrusted uploads)."""
+        if isolate:
+            from videollm.processors.video_loader import run_isolated
+
+            frames, indices, fps = run_isolated(_load_frames_child, os.fspath(path), self.n_frms, self.sampling,
+                                                self.backend, timeout=self.timeout, what=os.fspath(path))
+        else:
+            frames, indices, fps = load_frames(path, self.n_frms, self.sampling, backend=self.backend,
+                                               timeout=self.timeout, rng=rng)
         return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float(), indices, fps
 
     def __call__(self, item: Any) -> torch.Tensor:
