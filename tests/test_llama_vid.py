@@ -522,3 +522,22 @@ def test_generation_inputs_for_evaluation(model):
         out = model.generate(embeds, mask, max_new_tokens=2, do_sample=False)
     assert embeds.shape[0] == 2 and mask[:, -1].tolist() == [1, 1] and out.shape == (2, 2)
     assert mask[0].sum() != mask[1].sum()  # a video of 2 frames (4 tokens) vs an image (2 tokens), different texts
+
+
+def test_long_video_model_turns_a_video_file_into_features(tmp_path, bert_dir):
+    from videollm.chat import Chat
+    from videollm.long_video import MOVIE_START
+    from videollm.synthetic import ClipSpec, write_clip
+    from videollm.templates import get_template
+
+    write_clip(tmp_path / "m.mp4", ClipSpec("m", "square", "green", "up", "slow"), width=32, height=32, fps=2, duration=3)
+    (tmp_path / "m.srt").write_text("1\n00:00:00,000 --> 00:00:01,200\nhi\n")  # found next to the video
+    model = build_tiny(bert_dir, long_video=True)
+    chat = Chat(model)
+    conv, imgs = get_template("llamavid_vicuna_v1").new_conversation(), []
+    chat.upload_video_without_audio(str(tmp_path / "m.mp4"), conv, imgs)
+    assert imgs[0].media.kind == "features" and imgs[0].media.meta["placeholders"] == 6
+    assert conv.messages[0][1].startswith(MOVIE_START + "<image><image><image><image>hi<image><image>")
+    chat.ask("What is shown?", conv)
+    text, _ = chat.answer(conv, imgs, max_new_tokens=2)
+    assert isinstance(text, str)
