@@ -6,7 +6,10 @@ and mask; frames as ``pixel_values``), the loss and the logits of every attended
     python -m pip install --no-deps --target /tmp/tf437 transformers==4.37.1 tokenizers==0.15.2 \
         peft==0.10.0 einops huggingface_hub==0.20.3
     git --git-dir=<PLLaVA mirror> show HEAD:models/pllava/...  -> /tmp/orig_pllava/models/pllava/
-    python scripts/pllava_parity.py --orig /tmp/orig_pllava --site /tmp/tf437
+    python scripts/pllava_parity.py --orig /tmp/orig_pllava --site /tmp/tf437 [--what preprocess]
+
+``--what preprocess``: PllavaProcessor (resize_crop_longshort + CLIPImageProcessor) on two videos of
+different sizes against :class:`videollm.processors.pllava_processors.PllavaVideoEvalProcessor`.
 
 Step 1 (this interpreter, transformers 5) writes the weights, the batch and our outputs; step 2 runs
 the original under transformers 4.37.1 in a child process (``--child``) and compares. The original
@@ -129,20 +132,54 @@ def original(data: Path) -> None:
                       "greedy_equal": gen[0].tolist() == d["generated"][0].tolist()}, indent=1))
 
 
+def ours_preprocess(out: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+    import torch
+
+    from videollm.processors.pllava_processors import PllavaVideoEvalProcessor
+
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 256, (4, 480, 854, 3), dtype=np.uint8), rng.integers(0, 256, (4, 360, 480, 3), dtype=np.uint8)]
+    clips = [torch.from_numpy(v).permute(3, 0, 1, 2).float() for v in videos]
+    got = PllavaVideoEvalProcessor(image_size=336, n_frms=4).transform_batch(clips)
+    torch.save({"videos": videos, "ours": [g.permute(1, 0, 2, 3) for g in got]}, out)
+
+
+def original_preprocess(data: Path) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from models.pllava import PllavaProcessor
+
+    d = torch.load(data, weights_only=False)
+    proc = object.__new__(PllavaProcessor)  # no tokenizer needed for images
+    proc.image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    proc.shortest_edge, proc.longest_edge, proc.center_pad = 336, 762, False
+    videos = [[Image.fromarray(f) for f in v] for v in d["videos"]]
+    pixel = torch.from_numpy(proc(images=videos, return_tensors=None)["pixel_values"])
+    ours = torch.cat(d["ours"])
+    print(json.dumps({"shape_original": list(pixel.shape), "shape_videollm": list(ours.shape),
+                      "max_abs_diff": float((pixel - ours).abs().max())}, indent=1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orig", default="/tmp/orig_pllava")
     parser.add_argument("--site", default="/tmp/tf437")
     parser.add_argument("--data", default="/tmp/pllava_parity.pt")
     parser.add_argument("--child", action="store_true")
+    parser.add_argument("--what", choices=("model", "preprocess"), default="model")
     args = parser.parse_args()
     if args.child:
-        original(Path(args.data))
+        (original if args.what == "model" else original_preprocess)(Path(args.data))
         return 0
-    ours(Path(args.data))
+    (ours if args.what == "model" else ours_preprocess)(Path(args.data))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([args.site, args.orig]))
-    return subprocess.run([sys.executable, __file__, "--child", "--data", args.data, "--orig", args.orig,
-                           "--site", args.site], env=env, cwd=args.orig).returncode
+    return subprocess.run([sys.executable, __file__, "--child", "--what", args.what, "--data", args.data, "--orig",
+                           args.orig, "--site", args.site], env=env, cwd=args.orig).returncode
 
 
 if __name__ == "__main__":
