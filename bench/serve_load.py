@@ -1,6 +1,6 @@
 """Load test of ``python -m videollm.serve``: N concurrent clients on loopback vs the same N one by one.
 
-    python bench/serve_load.py                  # tiny model, 16 clients, a clip each, 64 new tokens each
+    python bench/serve_load.py                  # tiny model, 16 clients, a clip each, 256 new tokens each
     python bench/serve_load.py --media none     # text only: the generation alone
     python bench/serve_load.py --clients 16 --max-tokens 128 --cfg-path eval_configs/tiny.yaml
 
@@ -177,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cfg-path", default="eval_configs/tiny.yaml")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of each server (OMP_NUM_THREADS; 1 suits a shared 2-core machine)")
