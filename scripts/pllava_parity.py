@@ -8,7 +8,8 @@ and mask; frames as ``pixel_values``), the loss and the logits of every attended
     git --git-dir=<PLLaVA mirror> show HEAD:models/pllava/...  -> /tmp/orig_pllava/models/pllava/
     python scripts/pllava_parity.py --orig /tmp/orig_pllava --site /tmp/tf437 [--what preprocess]
 
-``--what preprocess``: PllavaProcessor (resize_crop_longshort + CLIPImageProcessor) on two videos of
+``--what tokenize``: the original's process_qa + training preprocess (from its git source) against our
+batch processor (no second transformers needed). ``--what preprocess``: PllavaProcessor (resize_crop_longshort + CLIPImageProcessor) on two videos of
 different sizes against :class:`videollm.processors.pllava_processors.PllavaVideoEvalProcessor`.
 
 Step 1 (this interpreter, transformers 5) writes the weights, the batch and our outputs; step 2 runs
@@ -165,14 +166,74 @@ def original_preprocess(data: Path) -> None:
                       "max_abs_diff": float((pixel - ours).abs().max())}, indent=1))
 
 
+def tokenize_parity(mirror: str) -> None:
+    """The original's ``process_qa`` (it_dataset.py) and ``preprocess`` (train_pllava_nframe_accel.py),
+    extracted from its source and run with our tokenizer, against our batch processor."""
+    import ast
+    import itertools
+    import random
+    import subprocess as sp
+    import types
+    from typing import Optional, Union
+
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from videollm.datasets.pllava_datasets import qa_turns
+    from videollm.models.pllava import PllavaBatchProcessor
+
+    def functions(path: str, names):
+        src = sp.run(["git", "--git-dir", mirror, "show", f"HEAD:{path}"], capture_output=True, text=True, check=True).stdout
+        tree = ast.parse(src)
+        found = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name in names and node.name not in found:
+                found[node.name] = ast.get_source_segment(src, node)
+        return found
+
+    ns = {"itertools": itertools, "torch": torch, "random": random, "IMAGE_TOKEN": "<image>", "Optional": Optional,
+          "Union": Union, "TensorType": types.SimpleNamespace(PYTORCH="pt")}
+    train = functions("tasks/train/train_pllava_nframe_accel.py", {"split_and_record_separators", "preprocess"})
+    exec(train["split_and_record_separators"], ns)
+    exec(train["preprocess"].replace("return_tensors: Optional[Union[str, TensorType]] = TensorType.PYTORCH",
+                                     "return_tensors=None"), ns)
+    process_qa_src = functions("dataset/it_dataset.py", {"process_qa"})["process_qa"]
+    exec("\n".join(line[4:] if line.startswith("    ") else line for line in process_qa_src.splitlines()), ns)
+    ours = PllavaBatchProcessor("llama_exact", "tiny", max_txt_l=64, pad_to_max_length=True)
+    tok = ours.tokenizer
+    # the scripts' preprocess settings: mm_alone False, roles USER:/ASSISTANT:, end_signal (' ', '</s>')
+    ds = types.SimpleNamespace(random_shuffle=False, end_signal=[" ", "</s>"], begin_signal=["", ""], system="",
+                               mm_alone=False, role=("USER:", "ASSISTANT:"), start_token="<Video>", end_token="</Video>")
+    args = types.SimpleNamespace(max_txt_l=64, dataset_video_placeholder="<Video></Video>",
+                                 dataset_image_placeholder="<Image></Image>", roles=["USER:", "ASSISTANT:"],
+                                 ignore_index=-100, num_frames=8, clip_transform=False)
+
+    def collate(rows):
+        return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+    samples = [[{"i": "", "q": "What is moving in the video?", "a": "A red circle is moving right."}],
+               [{"i": "Watch the clip.", "q": "What color is it?", "a": "Blue."}, {"q": "Which way?", "a": "Up."}]]
+    batch = [(torch.zeros(8, 3, 4, 4), ns["process_qa"](ds, [dict(q) for q in qa])[0], "", i)
+             for i, qa in enumerate(samples)]
+    theirs = ns["preprocess"](batch, args, types.SimpleNamespace(tokenizer=tok), collate)
+    mine = ours({"images": torch.zeros(2, 3, 8, 4, 4), "conversations": [qa_turns(qa, "video") for qa in samples],
+                 "instructions": [qa[0].get("i", "") for qa in samples]})
+    same = {k: bool(torch.equal(theirs[k], mine[k].to(theirs[k].dtype))) for k in ("input_ids", "labels", "attention_mask")}
+    print(json.dumps({"texts_original": [b[1] for b in batch], "equal": same}, indent=1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orig", default="/tmp/orig_pllava")
     parser.add_argument("--site", default="/tmp/tf437")
     parser.add_argument("--data", default="/tmp/pllava_parity.pt")
     parser.add_argument("--child", action="store_true")
-    parser.add_argument("--what", choices=("model", "preprocess"), default="model")
+    parser.add_argument("--what", choices=("model", "preprocess", "tokenize"), default="model")
+    parser.add_argument("--mirror", default="/work/.mirror/magic-research+PLLaVA/repo", help="git dir of the original")
     args = parser.parse_args()
+    if args.what == "tokenize":  # runs here: the original's functions need only a tokenizer
+        tokenize_parity(args.mirror)
+        return 0
     if args.child:
         (original if args.what == "model" else original_preprocess)(Path(args.data))
         return 0
