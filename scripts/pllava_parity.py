@@ -148,7 +148,6 @@ def ours_preprocess(out: Path) -> None:
 
 
 def original_preprocess(data: Path) -> None:
-    import numpy as np
     import torch
     from PIL import Image
     from transformers import CLIPImageProcessor

@@ -5,7 +5,6 @@ training step, the VideoChat2-IT prompt and labels, the templates and the prepro
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

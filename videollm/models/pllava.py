@@ -68,7 +68,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from videollm.conversation import Conversation, SeparatorStyle
-from videollm.datasets.bad_samples import BadInput
 from videollm.errors import CheckpointError, ConfigError, PromptError
 from videollm.models.base import FreezePlan, Media, VideoLLM
 from videollm.models.merge import IGNORE_INDEX, MergedInputs, merge_segments, segments_from_ids
