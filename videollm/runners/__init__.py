@@ -6,6 +6,7 @@ from videollm.runners.lr_sched import (
     LinearWarmupStepLRScheduler,
     build_lr_scheduler,
 )
+from videollm.runners import lr_sched_floor  # noqa: F401 - registers warmup_cosine_floor_lr
 from videollm.runners.optim import build_optimizer, param_groups
 from videollm.runners.runner_iter import RESUME_NAME, RunnerIter
 
