@@ -40,8 +40,12 @@ longest and the others are cut to their own count, which greedy decoding makes i
 shorter run). When a group fails, its rows are retried one by one, so one bad row does not fail
 the others. Streaming requests are answered one at a time by the same worker
 (:meth:`~videollm.chat.Chat.stream_answer`); a client that disconnects cancels its generation.
-Media files are decoded in the request handlers (a few at a time) before the request is queued;
-media embeddings are computed by the worker at answer time (the Chat's lazy encoding).
+Media files are decoded in the request handlers (``--prepare-workers`` at a time, default the
+CPU cores) before the request is queued; media embeddings are computed by the worker at answer
+time (the Chat's lazy encoding). Keep this module's top-level imports to the standard library:
+each decode runs in a child process that re-imports the main module (multiprocessing's
+forkserver), so a heavy import here is paid per clip (FastAPI cost ~1 s per decode on a busy
+2-core machine).
 
 ``stop`` strings cut the answer (and end a stream at once); a batched generation does not end
 early on them (it stops on the template's stop string, EOS or ``max_tokens``). ``usage`` counts
