@@ -499,3 +499,32 @@ def test_a_request_past_its_timeout_gets_a_504(chat, media):
         r = client.post("/v1/chat/completions", json=body([video_message(media["clips"][0].as_uri(), "Q?")],
                                                           max_tokens=100))
         assert_error(r, 504, "timeout", "no answer within")
+
+
+def test_a_full_queue_answers_503_and_the_queued_request_is_still_served(chat, media):
+    """A long stream keeps the worker busy; one request waits in the queue (max_queue=1); the
+    next one is refused at once with a 503; closing the stream lets the queued one through."""
+    app = create_app(chat, ServeConfig(media_root=str(media["root"]), max_queue=1, **SERVE))
+    messages = [video_message(media["clips"][0].as_uri(), "Q?")]
+    long = [video_message(media["clips"][0].as_uri(), "Tell me everything.")]  # 400 tokens, no early stop
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        queued: dict = {}
+
+        def send_queued() -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                queued["r"] = c.post("/v1/chat/completions", json=body(messages, max_tokens=4))
+
+        with client.stream("POST", "/v1/chat/completions", json=body(long, max_tokens=400, stream=True)) as s:
+            assert s.status_code == 200
+            lines = s.iter_lines()
+            next(lines)  # the stream has started: the worker is generating it
+            t = threading.Thread(target=send_queued)
+            t.start()
+            for _ in range(500):
+                if client.get("/health").json()["queued"] == 1:
+                    break
+                threading.Event().wait(0.01)
+            assert_error(client.post("/v1/chat/completions", json=body(messages, max_tokens=4)), 503, "queue_full",
+                         "busy")
+        t.join(30)  # the stream was closed: its generation is cancelled and the queued request runs
+        assert queued["r"].status_code == 200

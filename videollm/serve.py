@@ -625,6 +625,12 @@ class Batcher:
                     self._fail(job, exc)
 
     def _take(self, block_s: float) -> bool:
+        """Move one queued job to the backlog (waiting up to ``block_s``); the backlog holds at
+        most ``max_queue`` jobs, so under overload the queue fills and clients get 503s."""
+        if len(self._backlog) >= max(1, self.cfg.max_queue):
+            if block_s > 0:
+                time.sleep(min(block_s, 0.005))
+            return False
         try:
             self._backlog.append(self.queue.get(timeout=block_s) if block_s > 0 else self.queue.get_nowait())
             return True
