@@ -245,6 +245,8 @@ def test_a_data_url_answers_like_the_file_url_and_leaves_no_temporary_file(http,
     by_file = http.post("/v1/chat/completions", json=body([video_message(clip.as_uri(), "What is it?")]))
     assert by_data.status_code == by_file.status_code == 200
     assert by_data.json()["choices"][0]["message"]["content"] == by_file.json()["choices"][0]["message"]["content"]
+    with http.stream("POST", "/v1/chat/completions", json=body([video_message(data, "What is it?")], stream=True)) as r:
+        assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "videollm-serve-*"))) == before
 
 

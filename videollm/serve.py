@@ -817,6 +817,7 @@ def create_app(chat: "Chat", cfg: ServeConfig):
         raise ConfigError("videollm.serve needs FastAPI and uvicorn: pip install -e '.[serve]'") from None
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from videollm.templates import get_template
@@ -1008,8 +1009,13 @@ def create_app(chat: "Chat", cfg: ServeConfig):
                 batcher.submit(job)
                 batcher.preparing(-1)
                 submitted = streaming = True
+                def cleanup() -> None:  # also when the client left before the stream started
+                    job.cancel.set()
+                    files.close()
+
                 return StreamingResponse(sse(job, files, cid), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                         background=BackgroundTask(cleanup))
             batcher.submit(job)
             batcher.preparing(-1)
             submitted = True
