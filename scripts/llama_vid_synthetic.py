@@ -71,7 +71,12 @@ def _long_frames(parts, seed: int) -> np.ndarray:
     return np.stack(frames)
 
 
-def _subtitles(parts):
+def _subtitles(parts, every_second: bool = False):
+    """A "part <n>" subtitle at the start of each part, or (``every_second``) a running caption on
+    every second of it (each frame's own subtitle)."""
+    if every_second:
+        return [{"start_time": float(t), "end_time": t + 0.5, "text": f"part {NUMBERS[k]}"}
+                for k in range(len(parts)) for t in range(k * PART_SECONDS, (k + 1) * PART_SECONDS)]
     return [{"start_time": k * PART_SECONDS + 0.0, "end_time": k * PART_SECONDS + 2.0, "text": f"part {NUMBERS[k]}"}
             for k in range(len(parts))]
 
@@ -146,7 +151,7 @@ def cmd_data(args) -> int:
     for i in range(args.num_long + args.num_test_long):
         parts = _parts(rng)
         frames = _long_frames(parts, i)
-        subs = _subtitles(parts)
+        subs = _subtitles(parts, args.subtitle_every_second)
         if i < args.num_long:
             with torch.no_grad():
                 feats = vit(proc(frames).half().float()).numpy().astype(np.float16)
@@ -256,6 +261,7 @@ def main(argv=None) -> int:
     d.add_argument("--num-long", type=int, default=240)
     d.add_argument("--num-test-long", type=int, default=4)
     d.add_argument("--questions-per-long", type=int, default=8)
+    d.add_argument("--subtitle-every-second", action="store_true", help="a running 'part <n>' caption on every frame")
     e = sub.add_parser("eval")
     e.add_argument("--cfg-path", default="eval_configs/llama_vid_tiny.yaml")
     e.add_argument("--ckpt", required=True)
