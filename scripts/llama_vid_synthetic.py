@@ -180,7 +180,7 @@ def _build_chat(args):
     from videollm.config import load_config
     from videollm.registry import registry
 
-    import videollm.models  # noqa: F401
+    import videollm.models  # noqa: F401  (registers the models)
 
     cfg = load_config(args.cfg_path, [f"model.ckpt={args.ckpt}", f"model.vision_tower={Path(args.data) / 'eva_tiny.pth'}"]
                       + list(args.options or []))

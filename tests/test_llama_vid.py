@@ -173,7 +173,6 @@ def test_stage2_batch_ids_labels_prompts(model):
     assert ids.count(IMAGE_TOKEN_INDEX) == 2  # imgsp_v1 puts one into the later turn too
     # the supervised tokens are exactly the two answers and their </s>
     supervised = [i for i, lab in zip(ids, labels) if lab != -100]
-    answers = tok(" red")["input_ids"][1:] if False else None  # noqa: F841 (documentation)
     text = tok.decode([i for i in supervised])
     assert text.replace(" ", "") == "red</s>acircle</s>".replace(" ", "")
     assert labels[0] == -100 and ids[0] == tok.bos_token_id

@@ -69,7 +69,7 @@ from torch import nn
 
 from videollm.conversation import Conversation, SeparatorStyle
 from videollm.datasets.bad_samples import BadInput
-from videollm.errors import CheckpointError, ConfigError, DataError, PromptError
+from videollm.errors import CheckpointError, ConfigError, PromptError
 from videollm.models.base import DTYPES, FreezePlan, Media, VideoLLM, WeightSource
 from videollm.models.eva_vit import create_eva_vit_g, load_eva_vit_weights
 from videollm.models.merge import IGNORE_INDEX, MergedInputs, Segment, merge_segments, segments_from_ids
