@@ -67,3 +67,26 @@ def test_scoring_of_answers():
     s = summarize(records)["video"]["color"]
     assert s["first"] == 1.0 and s["later"] == 0.5 and s["n"] == 3
     assert "| video | color | 100.0% | 50.0% | 3 |" in markdown(summarize(records))
+
+
+def test_chat_prompt_format_tokenises_the_chats_own_prompt():
+    """train_prompt_format: chat writes a conversation exactly as the chat prompts: same ids."""
+    from videollm.chat import Chat, new_conversation
+    from videollm.models.merge import Segment  # noqa: F401
+    from videollm.templates import get_template
+
+    proc = VideoLLaMAProcessor("tiny", 8, "vicuna", True, "chat")
+    turns = [{"from": "human", "value": "<image>  What shape is it?"}, {"from": "gpt", "value": "It is a circle."},
+             {"from": "human", "value": "What color is the shape?"}, {"from": "gpt", "value": "It is red."}]
+    ids, labels = proc.tokenize(turns)
+    tok = proc.tokenizer
+    conv = new_conversation("vicuna", "image")
+    conv.append_message(conv.roles[0], get_template("vicuna").media_message("image") + " What shape is it?")
+    conv.append_message(conv.roles[1], "It is a circle.")
+    conv.append_message(conv.roles[0], "What color is the shape?")
+    conv.append_message(conv.roles[1], "It is red.")
+    want = tok(conv.get_prompt().replace("<ImageHere>", "<ImageHere>" * 8))["input_ids"]
+    assert ids.tolist() == want
+    supervised = tok.decode([i for i, l in zip(ids.tolist(), labels.tolist()) if l != -100])
+    assert supervised.replace(" ", "") == "Itisacircle.###Itisred.###"
+    assert labels[0] == -100 and Chat is not None

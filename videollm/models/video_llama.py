@@ -128,6 +128,10 @@ class VideoLLAMAConfig:
     lora: Dict[str, Any] = field(default_factory=dict)
     # corrected behaviours (off by default: released checkpoints were trained without them)
     fix_label_mask: bool = False
+    # "original": instruction data written as the original's datasets write it ("\n" after each
+    # turn, system "\n\n"), which differs from the chat's prompt; "chat": written exactly as the
+    # chat writes its prompt (template, system text per medium, separators), answers supervised
+    train_prompt_format: str = "original"
     # the original's default YAML carries a preprocess block (used by builders, not the model)
     preprocess: Dict[str, Any] = field(default_factory=dict)
 
@@ -627,8 +631,10 @@ class VideoLLAMA(VideoLLM):
     def batch_processor(self) -> "VideoLLaMAProcessor":
         if getattr(self, "_processor", None) is None:
             tok = self.cfg.tokenizer if self.cfg.tokenizer is not None else self.cfg.llama_model
+            if self.cfg.train_prompt_format not in ("original", "chat"):
+                raise ConfigError(f"model.train_prompt_format: {self.cfg.train_prompt_format!r}; use original or chat")
             self._processor = VideoLLaMAProcessor(tok, self.num_video_query_token, self.default_template,
-                                                  self.cfg.fix_label_mask)
+                                                  self.cfg.fix_label_mask, self.cfg.train_prompt_format)
         return self._processor
 
     def prepare_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -774,11 +780,13 @@ class VideoLLaMAProcessor:
     ``bad_annotation`` in ``bad_samples``. Picklable (it runs in DataLoader workers).
     """
 
-    def __init__(self, tokenizer_path: Optional[str], num_tokens: int, template: str, fix_label_mask: bool) -> None:
+    def __init__(self, tokenizer_path: Optional[str], num_tokens: int, template: str, fix_label_mask: bool,
+                 prompt_format: str = "original") -> None:
         self.tokenizer_path = tokenizer_path
         self.num_tokens = num_tokens
         self.template = template
         self.fix_label_mask = fix_label_mask
+        self.prompt_format = prompt_format
         self._tok = None
 
     @property
@@ -804,8 +812,11 @@ class VideoLLaMAProcessor:
     def tokenize(self, turns: Sequence[Dict[str, str]], msg: str = "", fix_label_mask: Optional[bool] = None):
         from videollm.conversation import tokenize_instruct
 
-        fix = self.fix_label_mask if fix_label_mask is None else fix_label_mask
-        input_ids, labels = tokenize_instruct(self.expand(turns, msg), self.tokenizer, self.template, fix)
+        fix = self.fix_label_mask or bool(fix_label_mask)
+        if self.prompt_format == "chat":
+            input_ids, labels = self.tokenize_as_chat(self.expand(turns, msg))
+        else:
+            input_ids, labels = tokenize_instruct(self.expand(turns, msg), self.tokenizer, self.template, fix)
         patch_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PATCH_TOKEN)
         pos = (input_ids == patch_id).nonzero().flatten()
         n = self.num_tokens
@@ -813,6 +824,38 @@ class VideoLLaMAProcessor:
             raise BadInput("bad_annotation",
                            f"{len(pos)} <ImageHere> ids after tokenisation (need {n} consecutive; "
                            "missing <image>, several images, or cut at 512 tokens?)")
+        return input_ids, labels
+
+    def tokenize_as_chat(self, turns: Sequence[Dict[str, str]]):
+        """``train_prompt_format: chat``: the conversation as the chat's prompt (the template's
+        inference form, the system text the chat sets for the medium), with BOS; the answers and
+        their end marks are supervised, everything else is -100 (the 512-token cut applies)."""
+        from videollm.conversation import INSTRUCT_MAX_LEN
+        from videollm.templates import get_template
+
+        template = get_template(self.template)
+        kind = "image" if turns and "<Image>" in turns[0]["value"] else "video"
+        conv = template.new_conversation(kind)
+        tok = self.tokenizer
+
+        def n(text: str) -> int:
+            return len(tok(text, truncation=True, max_length=INSTRUCT_MAX_LEN)["input_ids"])
+
+        spans = []
+        for turn in turns:
+            role = conv.roles[0] if turn["from"].lower() == "human" else conv.roles[1]
+            if role == conv.roles[1]:
+                conv.append_message(role, None)
+                start = n(conv.get_prompt())
+                conv.messages[-1][1] = turn["value"]
+                spans.append((start, n(conv.get_prompt())))
+            else:
+                conv.append_message(role, turn["value"])
+        ids = tok(conv.get_prompt(), truncation=True, max_length=INSTRUCT_MAX_LEN)["input_ids"]
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        for start, end in spans:
+            labels[start:end] = input_ids[start:end]
         return input_ids, labels
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
