@@ -526,3 +526,16 @@ def test_make_demo_recipes_chain_on_a_few_iterations(tmp_path, synthetic_root):
     model = VideoLLAMA.from_config(cfg.model)
     for key, value in final.items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_progress_in_a_log_file_is_whole_lines(caplog):
+    from videollm.runners.runner_iter import LineProgress
+
+    caplog.set_level(logging.INFO, logger="videollm.runners.runner_iter")
+    bar = LineProgress(total=200, initial=0)
+    for i in range(200):
+        bar.set_postfix(loss=f"{1.0 / (i + 1):.3f}")
+        bar.update(1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
+    assert len(lines) == 20 and lines[-1].startswith("train: 200/200 (100%)") and "loss=" in lines[-1]
+    assert not any("\r" in line for line in lines)

@@ -138,6 +138,34 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 BEST_NAME = "checkpoint_best.pth"
 
 
+class LineProgress:
+    """The progress bar's interface for logs that are files: one log line every ``every`` of the
+    run (iterations, rate, ETA, the last loss and lr)."""
+
+    def __init__(self, total: int, initial: int = 0, every: float = 0.05) -> None:
+        self.total, self.n, self.step = total, initial, max(1, int(total * every))
+        self.next = initial + self.step
+        self.t0, self.n0 = time.perf_counter(), initial
+        self.postfix: Dict[str, Any] = {}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n >= self.next or self.n == self.total:
+            self.next = self.n + self.step
+            rate = (self.n - self.n0) / max(time.perf_counter() - self.t0, 1e-9)
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            extra = ", ".join(f"{k}={v}" for k, v in self.postfix.items())
+            logger.info("train: %d/%d (%.0f%%), %.2f it/s, ETA %s%s", self.n, self.total, 100 * self.n / self.total,
+                        rate, time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?",
+                        f", {extra}" if extra else "")
+
+    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        pass
+
+
 def _saved_run(state: Dict[str, Any]) -> Dict[str, Any]:
     """The ``run`` section of the config stored in a checkpoint ({} if none)."""
     config = state.get("config")
@@ -600,16 +628,14 @@ class RunnerIter:
         total = self.max_epoch * self.iters_per_epoch
         bar = None
         if self.dist.is_main and global_start < total:
-            from tqdm.auto import tqdm
-
             import sys
 
-            # On a terminal a live bar; in a log file (not a TTY) a line every 5 % instead of
-            # carriage-return updates that pile up into one huge line.
-            tty = sys.stderr.isatty()
-            bar = tqdm(total=total, initial=global_start, desc="train", unit="it", dynamic_ncols=tty,
-                       mininterval=0.1 if tty else 1e9, miniters=None if tty else max(1, total // 20),
-                       ncols=None if tty else 100)
+            if sys.stderr.isatty():
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total, initial=global_start, desc="train", unit="it", dynamic_ncols=True)
+            else:  # a log file: whole lines every 5 %, not carriage-return updates piling into one line
+                bar = LineProgress(total=total, initial=global_start)
         start_time = time.perf_counter()
         self.wrapped.train()
         try:
