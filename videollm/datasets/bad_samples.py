@@ -141,6 +141,19 @@ def field_of(entry: Any, key: str, kind: Union[type, Tuple[type, ...]] = object)
     return value
 
 
+
+def path_list(entry: Dict[str, Any], key: str) -> List[str]:
+    """``entry[key]`` as a list of paths: absent -> [], a string -> [it], a list of strings; anything
+    else is a ``bad_annotation``."""
+    value = entry.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise BadInput("bad_annotation", f"'{key}' must be a path or a list of paths, not {type(value).__name__}")
+
 def text_field(entry: Any, key: str) -> str:
     """A non-empty string field (caption, question, answer); BadInput ``bad_annotation`` otherwise."""
     value = field_of(entry, key, str)

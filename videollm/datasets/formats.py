@@ -71,6 +71,7 @@ import torch
 from torch.utils.data import Dataset
 
 from videollm.datasets.bad_samples import (
+    path_list,
     DEFAULT_MAX_PIXELS,
     BadInput,
     check_conversations,
@@ -106,15 +107,6 @@ class Record:
 
 
 # ------------------------------------------------------------------------------------ parsers
-def _path_list(entry: Dict[str, Any], key: str) -> List[str]:
-    value = entry.get(key)
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise BadInput("bad_annotation", f"'{key}' must be a path or a list of paths, not {type(value).__name__}")
 
 
 def match_tags(turns: Sequence[Dict[str, str]], videos: List[str], images: List[str]) -> List[Tuple[str, str]]:
@@ -157,7 +149,7 @@ def parse_sharegpt(entry: Any) -> Record:
         raise BadInput("bad_annotation", "a record needs at least one user and one assistant turn")
     if not isinstance(system, str):
         raise BadInput("bad_annotation", "'system' must be a string")
-    media = match_tags(turns, _path_list(entry, "videos"), _path_list(entry, "images"))
+    media = match_tags(turns, path_list(entry, "videos"), path_list(entry, "images"))
     return Record(turns, media, instruction=system)
 
 
@@ -165,7 +157,7 @@ def parse_llava(entry: Any) -> Record:
     if not isinstance(entry, dict):
         raise BadInput("bad_annotation", f"record is a {type(entry).__name__}, not a mapping")
     turns = check_conversations(entry.get("conversations"))
-    return Record(list(turns), match_tags(turns, _path_list(entry, "video"), _path_list(entry, "image")))
+    return Record(list(turns), match_tags(turns, path_list(entry, "video"), path_list(entry, "image")))
 
 
 def parse_videochat2(entry: Any) -> Record:

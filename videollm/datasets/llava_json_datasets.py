@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from videollm.datasets.bad_samples import (
+    path_list,
     DEFAULT_MAX_PIXELS,
     BadInput,
     check_conversations,
@@ -51,17 +52,6 @@ from videollm.errors import ConfigError
 from videollm.registry import registry
 
 PLACEHOLDERS = re.compile(r"<image>|<video>")
-
-
-def _paths(entry: Dict[str, Any], key: str) -> List[str]:
-    value = entry.get(key)
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise BadInput("bad_annotation", f"'{key}' must be a path or a list of paths, not {type(value).__name__}")
 
 
 class LlavaJsonDataset(Dataset):
@@ -103,7 +93,7 @@ class LlavaJsonDataset(Dataset):
             if not isinstance(entry, dict):
                 raise BadInput("bad_annotation", f"entry is a {type(entry).__name__}, not a mapping")
             convs = check_conversations(entry.get("conversations"))
-            queue = {"image": _paths(entry, "image"), "video": _paths(entry, "video")}
+            queue = {"image": path_list(entry, "image"), "video": path_list(entry, "video")}
             roots = {"image": self.image_dir, "video": self.video_dir}
             media = []
             for turn in convs:
