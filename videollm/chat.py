@@ -771,11 +771,6 @@ def build_chat_from_args(args) -> Tuple["Chat", str, List[str]]:
     return chat, template, notices
 
 
-def place_model(model, device: torch.device) -> None:
-    """Move the model to ``device`` (the contract's ``place``: an LLM placed at load time stays)."""
-    model.place(device)
-
-
 __all__ = [
     "AUDIO_VIDEO_MESSAGE",
     "CONTEXT_WARNING",
@@ -786,7 +781,6 @@ __all__ = [
     "add_model_args",
     "generation_from_args",
     "build_chat_from_args",
-    "place_model",
     "resolve_checkpoint_pattern",
     "IMAGE_MESSAGE",
     "IMAGE_SYSTEM",
