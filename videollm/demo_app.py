@@ -29,6 +29,14 @@ bound can be exceeded by at most what arrives in that interval), and gradio's ``
 removes them after ``--cache-max-age`` seconds. ``main`` gives gradio a cache folder of its own
 (``GRADIO_TEMP_DIR``) unless one is set. A session whose file was pruned keeps its chat (the
 media are already decoded), only the video shown in its chat history is gone.
+
+Feature files: a model whose class sets ``reads_feature_files`` (LLaMA-VID) gets a third input,
+"Feature file (.pkl)", for a long video prepared with ``python -m videollm.features llama-vid``
+(a ``.pkl`` in the Video box is taken the same way). It goes through ``Chat.upload_video`` and
+so the model's ``load_media``, which reads it only with
+:func:`videollm.long_video.read_feature_file` (a restricted unpickler: numpy arrays and strings,
+anything else refused with a message); ``--max-upload-mb`` applies. A ``.pkl`` given to any
+other model is refused with a chat message.
 """
 
 from __future__ import annotations
@@ -58,6 +66,9 @@ ASK_PLACEHOLDER = "Type a question and press Enter"
 UPLOADED_LABEL = "Chat started (Restart for new media)"
 IMAGE_ON_VIDEO = ("That file is an image: it was moved to the Image box. Press 'Upload & Start Chat' to chat about it.")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FEATURE_SUFFIX = ".pkl"  # a prepared long-video feature file (videollm.features llama-vid)
+NO_FEATURES = ("{name}: this is a prepared feature file (.pkl), which the {model} model cannot read "
+               "(only models trained on precomputed features, as LLaMA-VID, can); upload the video itself.")
 TITLE = """<h1 style="text-align:center; font-variant:normal; text-transform:none">videollm chat</h1>
 <p style="text-align:center">Model: {model}. Upload a video (tick "Audio" to use its sound) or an image, then ask.</p>"""
 NOTE = """### Note
@@ -365,18 +376,18 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
             None,
         )
 
-    def upload(video, image, history, audio_flag):
+    def upload(video, image, history, audio_flag, features=None):
         """-> chatbot, history, video, image, text_input, upload_button, chat_state, img_list."""
-        video_path, image_path = _media_path(video), _media_path(image)
-        busy = [p for p in (video_path, image_path) if p]
+        video_path, image_path, features_path = _media_path(video), _media_path(image), _media_path(features)
+        busy = [p for p in (video_path, image_path, features_path) if p]
         cache.busy.update(busy)
         try:
             cache.prune()
-            return handle_upload(video_path, image_path, history, audio_flag)
+            return handle_upload(video_path, image_path, history, audio_flag, features_path)
         finally:
             cache.busy.difference_update(busy)
 
-    def handle_upload(video_path, image_path, history, audio_flag):
+    def handle_upload(video_path, image_path, history, audio_flag, features_path=None):
         chatbot = list(history or [])
 
         def refuse(message: str, drop: Optional[str] = None):
@@ -396,20 +407,27 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
                 None,
             )
 
-        if video_path is None and image_path is None:
+        given = [p for p in (video_path, image_path, features_path) if p is not None]
+        if not given:
             return refuse(UPLOAD_FIRST)
-        if video_path is not None and image_path is not None:
+        if len(given) > 1:
             return refuse(ONLY_ONE_INPUT + ": clear the video or the image, then upload again.")
         kind, path = ("video", video_path) if video_path is not None else ("image", image_path)
+        if features_path is not None or path.lower().endswith(FEATURE_SUFFIX):
+            kind, path = "features", features_path or path
+            if not reads_features:
+                return refuse(NO_FEATURES.format(name=os.path.basename(path), model=model_name), drop=path)
         problem = check_upload(path, kind, opts)
         if problem:
             logger.info("upload refused: %s: %s", os.path.basename(path), problem)
             return refuse(problem, drop=path)
-        conv = new_conversation(opts.model_type, kind)
+        conv = new_conversation(opts.model_type, "image" if kind == "image" else "video")
         img_list: List[Any] = []
         notices: List[str] = []
         try:
-            if kind == "video":
+            if kind == "features":  # read by the model's load_media (long_video.read_feature_file)
+                chat.upload_video(path, conv, img_list, with_audio=False)
+            elif kind == "video":
                 chat.upload_video(path, conv, img_list, with_audio=bool(audio_flag), notices=notices)
             else:
                 chat.upload_img(path, conv, img_list)
@@ -419,8 +437,14 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
             else:
                 logger.info("upload refused: %s: %s", os.path.basename(path), exc)
             return refuse(_error_text(exc, path), drop=path)
-        chatbot.append({"role": "user", "content": {"path": path}})
+        if kind == "features":
+            frames = getattr(getattr(img_list[0], "media", None), "data", None) if img_list else None
+            count = f" ({frames.shape[0]} frames)" if frames is not None and hasattr(frames, "shape") else ""
+            chatbot.append({"role": "user", "content": f"Feature file {os.path.basename(path)}{count}"})
+        else:
+            chatbot.append({"role": "user", "content": {"path": path}})
         what = "video and its sound" if kind == "video" and audio_flag and not notices else kind
+        what = "feature file" if kind == "features" else what
         chatbot.append(assistant(f"Received the {what}. Ask me about it."))
         for notice in notices:
             chatbot.append(assistant(f"Notice: {notice.replace(path, os.path.basename(path))}"))
@@ -495,6 +519,7 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
     # gradio deletes this app's files older than cache_max_age_s; UploadCache bounds their size.
     delete_cache = (max(1, int(opts.cache_check_s)), max(1, int(opts.cache_max_age_s)))
     model_name = str(getattr(chat.model, "arch", "") or type(chat.model).__name__)
+    reads_features = bool(getattr(chat.model, "reads_feature_files", False))
     with gr.Blocks(title=f"videollm chat ({model_name})", delete_cache=delete_cache) as demo:
         gr.Markdown(TITLE.format(model=model_name))
         with gr.Row():
@@ -502,6 +527,8 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
                 video = gr.Video(label="Video", sources=["upload"], elem_id="video_input", height=240)
                 gr.Markdown("Videos go in the Video box, still images in the Image box.", elem_id="media_hint")
                 image = _path_image(type="filepath", label="Image", sources=["upload"], elem_id="image_input", height=240)
+                features = gr.File(label="Feature file (.pkl, from python -m videollm.features)", file_types=[FEATURE_SUFFIX],
+                                   type="filepath", elem_id="features_input", visible=reads_features, height=120)
                 gr.Markdown(EXAMPLES_NOTE)
                 upload_button = gr.Button(value="Upload & Start Chat", interactive=True, variant="primary", elem_id="upload_button")
                 clear = gr.Button("Restart", elem_id="restart_button")
@@ -529,18 +556,23 @@ def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
         gr.Examples(examples=[[str(examples["yellow_triangle.jpg"]), "What shape is this?"]],
                     inputs=[image, text_input], label="Image examples")
 
-        upload_button.click(
-            upload, [video, image, history, audio],
+        started = upload_button.click(
+            upload, [video, image, history, audio, features],
             [chatbot, history, video, image, text_input, upload_button, chat_state, img_list], api_name="upload",
             concurrency_limit=max(1, opts.upload_concurrency),
         )
+        # the feature box follows the other inputs: locked while a chat runs, cleared when refused
+        started.then(lambda state, value: gr.update(value=value if state is not None else None,
+                                                    interactive=state is None),
+                     [chat_state, features], [features], api_visibility="private")
         video.upload(video_changed, [video, image, history], [video, image, chatbot, history])
         text_input.submit(ask, [text_input, history, chat_state], [text_input, chatbot, history, chat_state], api_name="ask").then(
             answer, [history, chat_state, img_list, num_beams, temperature, sample], [chatbot, history, chat_state, img_list],
             api_name="answer",
         )
         clear.click(restart, [chat_state, img_list],
-                    [chatbot, history, video, image, text_input, upload_button, chat_state, img_list], api_name="restart")
+                    [chatbot, history, video, image, text_input, upload_button, chat_state, img_list], api_name="restart"
+                    ).then(lambda: gr.update(value=None, interactive=True), None, [features], api_visibility="private")
     demo.queue(default_concurrency_limit=1)
     cache = UploadCache(demo, int(opts.max_cache_mb * 2**20), opts.cache_check_s)
     demo.upload_cache = cache  # started by launch()
