@@ -66,6 +66,44 @@ ASK_PLACEHOLDER = "Type a question and press Enter"
 UPLOADED_LABEL = "Chat started (Restart for new media)"
 IMAGE_ON_VIDEO = ("That file is an image: it was moved to the Image box. Press 'Upload & Start Chat' to chat about it.")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The browser refuses an image dropped on (or chosen for) the Video box before any server code
+# runs (gradio checks the file type and shows a passing toast). This page script catches such a
+# file first, hands it to the Image box and says so under the boxes (IMAGE_ON_VIDEO).
+REDIRECT_IMAGES_JS = """
+() => {
+  const message = %s;
+  const suffixes = %s;
+  const isImage = (f) => !!f && ((f.type || '').startsWith('image/')
+      || suffixes.some((s) => f.name.toLowerCase().endsWith(s)));
+  const redirect = (file) => {
+    const hint = document.querySelector('#media_hint');
+    if (hint) { hint.innerText = message; hint.setAttribute('data-redirected', 'true'); }
+    const target = document.querySelector('#image_input input[type=file]');
+    if (!target) return;
+    const files = new DataTransfer();
+    files.items.add(file);
+    target.files = files.files;
+    target.dispatchEvent(new Event('change', {bubbles: true}));
+  };
+  const onVideoBox = (e) => e.target && e.target.closest && e.target.closest('#video_input');
+  document.addEventListener('change', (e) => {
+    const input = e.target;
+    if (!onVideoBox(e) || !(input instanceof HTMLInputElement) || input.type !== 'file') return;
+    const file = input.files && input.files[0];
+    if (!isImage(file)) return;
+    e.stopImmediatePropagation();
+    input.value = '';
+    redirect(file);
+  }, true);
+  document.addEventListener('drop', (e) => {
+    const file = e.dataTransfer && e.dataTransfer.files && e.dataTransfer.files[0];
+    if (!onVideoBox(e) || !isImage(file)) return;
+    e.preventDefault();
+    e.stopImmediatePropagation();
+    redirect(file);
+  }, true);
+}
+""" % (json.dumps(IMAGE_ON_VIDEO), json.dumps(list(IMAGE_SUFFIXES)))
 FEATURE_SUFFIX = ".pkl"  # a prepared long-video feature file (videollm.features llama-vid)
 NO_FEATURES = ("{name}: this is a prepared feature file (.pkl), which the {model} model cannot read "
                "(only models trained on precomputed features, as LLaMA-VID, can); upload the video itself.")
@@ -588,6 +626,7 @@ def launch(demo, *, host: Optional[str] = None, port: Optional[int] = None, shar
     return demo.launch(
         server_name=server_name, server_port=port, share=share, prevent_thread_lock=not block,
         max_file_size=f"{int(max(1, max_upload_mb))}mb", show_error=True, quiet=not block,
+        js=REDIRECT_IMAGES_JS,
     )
 
 
