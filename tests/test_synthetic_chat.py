@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -90,3 +91,42 @@ def test_chat_prompt_format_tokenises_the_chats_own_prompt():
     supervised = tok.decode([i for i, l in zip(ids.tolist(), labels.tolist()) if l != -100])
     assert supervised.replace(" ", "") == "Itisacircle.###Itisred.###"
     assert labels[0] == -100 and Chat is not None
+
+
+class _RecordingChat:
+    """Just enough of the Chat API for run_conversations: records what is asked, answers blankly."""
+
+    def __init__(self):
+        self.asked = []
+
+    def upload_video_without_audio(self, path, conv, media):
+        media.append(path)
+
+    def upload_img(self, path, conv, media):
+        media.append(path)
+
+    def ask(self, text, conv):
+        conv.append_message(conv.roles[0], text)
+
+    def answer_batch(self, convs, media_lists, max_new_tokens=16):
+        for conv in convs:
+            self.asked.append(conv.messages[-1][1])
+            conv.append_message(conv.roles[1], "nothing")
+        return [("nothing", None) for _ in convs]
+
+
+@pytest.mark.parametrize("kind", ["video", "image"])
+def test_held_out_conversations_ask_every_phrasing_first_and_later(kind):
+    from videollm.datasets.synthetic_datasets import IMAGE_QUESTIONS, VIDEO_QUESTIONS
+    from videollm.tiny_chat_eval import run_conversations
+
+    table = VIDEO_QUESTIONS if kind == "video" else IMAGE_QUESTIONS
+    items = [{"path": f"{kind}_{i}", "shape": "circle", "color": "red", "direction": "up"} for i in range(36)]
+    records = run_conversations(_RecordingChat(), items, kind, "vicuna", batch_size=8)
+    assert len(records) == len(items) * len(table)
+    for qtype, phrasings in table.items():
+        for first in (True, False):
+            asked = {r["question"] for r in records if r["type"] == qtype and (r["turn"] == 1) == first}
+            assert asked == set(phrasings), (qtype, first, asked)
+    for item in items:  # one conversation per item: every type once
+        assert sorted(r["type"] for r in records if r["item"] == item["path"]) == sorted(table)

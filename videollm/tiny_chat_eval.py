@@ -98,7 +98,8 @@ def run_conversations(chat, items: Sequence[Dict[str, str]], kind: str, template
             questions = []
             for item, order, conv, media, n in states:
                 qtype = order[turn]
-                questions.append(table[qtype][(n + turn) % len(table[qtype])])
+                # every phrasing of every type in every turn position, for images (3 types) too
+                questions.append(table[qtype][(n // len(types) + turn) % len(table[qtype])])
                 chat.ask(questions[-1], conv)
             answers = chat.answer_batch([s[2] for s in states], [s[3] for s in states], max_new_tokens=max_new_tokens)
             for (item, order, conv, media, n), question, (text, _) in zip(states, questions, answers):
@@ -140,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_model_args(parser)
     parser.add_argument("--data", default="data/synthetic", help="folder written by python -m videollm.synthetic")
     parser.add_argument("--out", default="output/tiny_chat_eval.json", help="result JSON (a .md table beside it)")
-    parser.add_argument("--images", type=int, default=60, help="held-out still images to write and ask about")
+    parser.add_argument("--images", type=int, default=120, help="held-out still images to write and ask about")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
