@@ -18,7 +18,7 @@ TINY_THREADS ?= 1
 TRAIN := OMP_NUM_THREADS=$(TINY_THREADS) $(PY) train.py --cfg-path
 APT := apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3
 
-.PHONY: setup sysdeps test test-fast demo serve data train-tiny eval-tiny bench clean
+.PHONY: setup sysdeps test test-fast demo serve data train-tiny eval-tiny tiny-asset bench clean
 
 $(STAMP): pyproject.toml
 	@(command -v ffmpeg && command -v chromium && command -v java) >/dev/null 2>&1 || $(MAKE) sysdeps
@@ -67,6 +67,11 @@ eval-tiny: | $(STAMP)
 train-tiny: | $(DATA)/manifest.json
 	rm -f $(STAGE1) $(STAGE2)
 	$(MAKE) $(STAGE2)
+
+# The trained tiny model that tests/test_browser.py chats with: the stage-2 checkpoint of this
+# recipe, copied (refresh it after changing the recipes: `make train-tiny tiny-asset`).
+tiny-asset: $(STAGE2)
+	cp $(STAGE2) tests/assets/tiny_chat_model.pth
 
 demo: $(STAGE2)
 	$(PY) demo.py --cfg-path eval_configs/tiny.yaml
