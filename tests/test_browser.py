@@ -171,3 +171,28 @@ def test_image_dropped_on_video_is_moved_and_the_image_box_keeps_its_size(page, 
     page.screenshot(path=str(tmp_path / "image_chat.png"), full_page=True)
     assert parse_attributes(first)["color"] == truth["color"], first
     assert parse_attributes(second)["shape"] == truth["shape"], second
+
+
+def test_nothing_uploaded_and_a_corrupt_image_get_one_message_each(page, tmp_path):
+    from videollm.demo_app import UPLOAD_FIRST
+
+    _open(page)
+    page.click("#upload_button")
+    page.locator("#chatbot").get_by_text(UPLOAD_FIRST).wait_for(timeout=30_000)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
+    page.set_input_files("#image_input input[type=file]", str(corrupt))
+    page.wait_for_timeout(1000)
+    page.click("#upload_button")
+    page.wait_for_function(
+        "() => document.querySelector('#chatbot').innerText.includes('corrupt.jpg')", timeout=30_000)
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(tmp_path / "corrupt_image.png"), full_page=True)
+    bubbles = _bubbles(page)
+    assert [role for role, _ in bubbles] == ["bot", "bot"], bubbles  # one message per state, nothing else
+    assert bubbles[0][1] == UPLOAD_FIRST
+    assert "corrupt.jpg" in bubbles[1][1] and "Traceback" not in bubbles[1][1]
+    # the refused file is cleared from the Image box (no broken-image icon left behind), the chat not started
+    assert page.locator("#image_input img").count() == 0
+    assert page.locator("#upload_button").is_enabled()
+    assert page.locator("#text_input textarea").is_disabled()

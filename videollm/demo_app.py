@@ -364,28 +364,41 @@ def _media_path(value: Any) -> Optional[str]:
 # The app
 
 
-def _path_image(**kwargs):
-    """A ``gr.Image`` that hands the uploaded file's path to the handler WITHOUT decoding it.
+def _path_image_class():
+    """A ``gr.Image`` class whose ``preprocess`` hands the uploaded file's path to the handler
+    WITHOUT decoding it.
 
     gradio's own ``Image.preprocess`` opens the file with PIL, so a corrupt image fails inside
     gradio, before our handler, and the user sees an error toast instead of a chat message.
-    Here decoding happens in the Chat (ImageDecodeError -> chat message). The instance's
-    ``preprocess`` is replaced (not a subclass: a gradio component subclass writes a ``.pyi``
-    stub into the package at run time), so the browser keeps the stock image widget.
+    Here decoding happens in the Chat (ImageDecodeError -> chat message). It must be a class, not
+    a patched instance: every ``gr.update`` of the box (each upload, refusal and restart) makes
+    gradio rebuild the session's copy with ``block.__class__(**kwargs)``. The class is made with
+    ``ABCMeta.__new__`` because gradio's component metaclass would write a ``.pyi`` stub next to
+    this module at import time (a read-only install would fail); its name stays ``Image`` so the
+    browser uses the stock image widget.
     """
-    import types
+    from abc import ABCMeta
 
     import gradio as gr
-
-    image = gr.Image(**kwargs)
 
     def preprocess(self, payload):
         if payload is None:
             return None
         return getattr(payload, "path", None)
 
-    image.preprocess = types.MethodType(preprocess, image)
-    return image
+    return ABCMeta.__new__(type(gr.Image), "Image", (gr.Image,),
+                           {"preprocess": preprocess, "__module__": __name__, "__qualname__": "PathImage"})
+
+
+_PATH_IMAGE = None
+
+
+def _path_image(**kwargs):
+    """A path-passing image box (:func:`_path_image_class`)."""
+    global _PATH_IMAGE
+    if _PATH_IMAGE is None:
+        _PATH_IMAGE = _path_image_class()
+    return _PATH_IMAGE(**kwargs)
 
 
 def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):
