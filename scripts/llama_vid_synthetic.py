@@ -9,22 +9,32 @@
 ``data`` writes, under ``--out``:
 
 * ``eva_tiny.pth``: the tiny EVA ViT (random, seeded) every step uses, as a real run uses
-  ``eva_vit_g.pth`` (the recipes point ``model.vision_tower`` at it);
-* ``clips/*.mp4``: one coloured shape moving (videollm.synthetic), 32 px, 4 fps, 1 to 4 s long, so
-  1-fps sampling gives 1 to 4 frames (2 to 8 visual tokens); ``short_train.json`` /
-  ``short_test.json``: LLaMA-VID JSON with two-turn conversations (the colour, the shape or the
-  length in seconds, in random order: the second turn's tokens are conditioned on its own question);
-* ``long/train/*.pkl``: "long videos" as feature files: 8 parts of 12 s (96 s, 96 frames at
-  1 fps, 192 visual tokens), each part one static shape of a distinct colour/shape pair, with a
-  subtitle "part <n>" at its start; questions "What is shown in part <n>?" -> "a <color> <shape>",
-  "In which part is the <color> <shape>?" -> "part <n>", "What is shown first/last?";
-  ``long_train.json``;
-* ``long/test/*.mp4`` + ``.srt``: held-out long videos as video files with subtitles, turned into
+  ``eva_vit_g.pth`` (the recipes point ``model.vision_tower`` at it). Its dimensions are the
+  ``tiny_synth`` preset's (4-px patches, 128 wide); its Linear and patch-embedding weights are
+  drawn with std ``--eva-init-std`` (0.1) and its outputs scaled by ``--eva-scale`` (10), so
+  that the shape survives the content token's mean pooling: with EVA's own init (0.02, features
+  nearly linear in the pixels, and tiny differences between images) a linear probe on the
+  mean-pooled patch tokens of still shapes finds the shape in 64 % (8-px patches) or 84 % (4-px)
+  of the images, with this one in 100 % (the colour: 100 % in all);
+* ``clips/*.mp4`` (``--num-clips``, 3060; the first ``--num-test-clips``, 60, held out): one
+  coloured shape moving (videollm.synthetic), 32 px, 4 fps, 1 to 4 s long, so 1-fps sampling
+  gives 1 to 4 frames (2 to 8 visual tokens); ``short_train.json`` / ``short_test.json``:
+  LLaMA-VID JSON with ``--short-turns`` (3) turns asking the colour, the shape and the length in
+  seconds, in random order (each later turn's tokens are conditioned on its own question);
+* ``long/train/*.pkl`` (``--num-long``, 400): "long videos" as feature files: ``--parts`` parts
+  (4) of ``--part-seconds`` s (15: a 60-s movie, 60 frames at 1 fps, 120 visual tokens), each
+  part one static shape of its own colour (``--repeat-colors``: distinct colour/shape pairs only), with the subtitle "part <n>" on every
+  second of it (``--subtitles start``: only at its start); questions (``--long-kinds``) "What is
+  shown in part <n>?" -> "a <color> <shape>", "In which part is the <color> <shape>?" -> "part
+  <n>" (and, if asked for, "What is shown first/last?"); ``long_train.json`` (plus
+  ``--short-in-long``, 200, short-clip conversations, so that stage 3 keeps the short skills);
+* ``long/test/*.mp4`` + ``.srt`` (``--num-test-long``, 12): held-out long videos as video files with subtitles, turned into
   feature files by ``python -m videollm.features llama-vid`` in ``eval`` (the demo's path), with
   ``long_test.json`` holding the questions.
 
 ``eval`` answers every held-out question greedily through :class:`videollm.chat.Chat`
-(``llamavid_vicuna_v1``, the training system prompt) and prints exact-match accuracies as JSON.
+(``llamavid_vicuna_v1``, the training system prompt) and prints exact-match accuracies as JSON
+(for "a <color> <shape>" answers also each word's, and the most frequent answers of each kind).
 """
 
 from __future__ import annotations
@@ -45,52 +55,87 @@ from videollm.long_video import MOVIE_END, MOVIE_START  # noqa: E402
 from videollm.synthetic import COLORS, SHAPES, ClipSpec, DIRECTIONS, ImageSpec, render_image, write_clip  # noqa: E402
 
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
-PARTS, PART_SECONDS, SIZE = 8, 12, 32
-TINY = ROOT / "videollm/configs/models/llama_vid_tiny.yaml"
+SIZE = 32
+TINY = ROOT / "videollm/configs/models/llama_vid_tiny_synth.yaml"
 
 
-def _short_qa(rng: random.Random, spec: ClipSpec, seconds: int):
+def _short_qa(rng: random.Random, spec: ClipSpec, seconds: int, turns: int = 3):
+    """``turns`` of the three questions (colour, shape, length), in random order."""
     qa = [("What color is the shape?", spec.color), ("What shape is moving?", spec.shape),
           ("How many seconds long is the video?", f"{NUMBERS[seconds - 1]} seconds")]
     rng.shuffle(qa)
-    (q1, a1), (q2, a2) = qa[:2]
-    return [{"from": "human", "value": q1 + "\n<image>"}, {"from": "gpt", "value": a1},
-            {"from": "human", "value": q2}, {"from": "gpt", "value": a2}]
+    conv = []
+    for k, (q, a) in enumerate(qa[:turns]):
+        conv += [{"from": "human", "value": q + ("\n<image>" if k == 0 else "")}, {"from": "gpt", "value": a}]
+    return conv
 
 
-def _parts(rng: random.Random):
+def _parts(rng: random.Random, n: int, distinct_colors: bool = True):
+    """``n`` distinct (colour, shape) pairs; ``distinct_colors`` (n <= 4): a different colour each."""
+    if distinct_colors and n <= len(COLORS):
+        return [(c, rng.choice(SHAPES)) for c in rng.sample(list(COLORS), n)]
     pairs = [(c, s) for c in COLORS for s in SHAPES]
-    return rng.sample(pairs, PARTS)
+    return rng.sample(pairs, n)
 
 
-def _long_frames(parts, seed: int) -> np.ndarray:
+def _long_frames(parts, seed: int, seconds: int) -> np.ndarray:
     frames = []
     for k, (color, shape) in enumerate(parts):
         img = render_image(ImageSpec(f"p{k}", shape, color, seed=seed * 100 + k), size=SIZE)
-        frames += [img] * PART_SECONDS
+        frames += [img] * seconds
     return np.stack(frames)
 
 
-def _subtitles(parts, every_second: bool = False):
-    """A "part <n>" subtitle at the start of each part, or (``every_second``) a running caption on
-    every second of it (each frame's own subtitle)."""
+def _subtitles(parts, seconds: int, every_second: bool = True):
+    """A running "part <n>" caption on every second of each part (each frame's own subtitle), or
+    (not ``every_second``) one at the start of each part."""
     if every_second:
         return [{"start_time": float(t), "end_time": t + 0.5, "text": f"part {NUMBERS[k]}"}
-                for k in range(len(parts)) for t in range(k * PART_SECONDS, (k + 1) * PART_SECONDS)]
-    return [{"start_time": k * PART_SECONDS + 0.0, "end_time": k * PART_SECONDS + 2.0, "text": f"part {NUMBERS[k]}"}
+                for k in range(len(parts)) for t in range(k * seconds, (k + 1) * seconds)]
+    return [{"start_time": k * seconds + 0.0, "end_time": k * seconds + 2.0, "text": f"part {NUMBERS[k]}"}
             for k in range(len(parts))]
 
 
-def _long_questions(parts):
-    """Every question about one long video: (question, answer, kind)."""
+def seeded_eva(vit_dims: dict, std: float, scale: float = 1.0):
+    """The toy's frozen EVA: EVA's init with Linear and patch-embedding weights of std ``std``
+    (trunc-normal at 2 std, zero biases, then EVA's 1/sqrt(2 i) on each block's proj and fc2),
+    and every output scaled by ``scale``: the patch embedding, position embedding, CLS token and
+    each block's proj / fc2 are multiplied by it, which (the blocks' LayerNorms being
+    scale-invariant, up to their eps) multiplies the residual stream, so the features."""
+    import math
+
+    from torch import nn
+
+    from videollm.models.eva_vit import create_eva_vit_g
+
+    vit = create_eva_vit_g(img_size=SIZE, precision="fp32", **vit_dims).eval()
+    with torch.no_grad():
+        for module in vit.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for i, block in enumerate(vit.blocks, start=1):
+            for linear in (block.attn.proj, block.mlp.fc2):
+                linear.weight.mul_(scale / math.sqrt(2.0 * i))
+        for tensor in (vit.patch_embed.proj.weight, vit.pos_embed, vit.cls_token):
+            tensor.mul_(scale)
+    return vit
+
+
+LONG_KINDS = ("what_is_in_part_n", "which_part_has_x", "first", "last")
+
+
+def _long_questions(parts, kinds=LONG_KINDS):
+    """The questions of ``kinds`` about one long video: (question, answer, kind)."""
     qs = [(f"What is shown in part {NUMBERS[k]}?", f"a {c} {s}", "what_is_in_part_n") for k, (c, s) in enumerate(parts)]
     qs += [(f"In which part is the {c} {s}?", f"part {NUMBERS[k]}", "which_part_has_x") for k, (c, s) in enumerate(parts)]
     qs += [("What is shown first?", "a {} {}".format(*parts[0]), "first"), ("What is shown last?", "a {} {}".format(*parts[-1]), "last")]
-    return qs
+    return [q for q in qs if q[2] in kinds]
 
 
-def _long_qa(rng: random.Random, parts):
-    q, a, _ = rng.choice(_long_questions(parts))
+def _long_qa(rng: random.Random, parts, kinds=LONG_KINDS):
+    q, a, _ = rng.choice(_long_questions(parts, kinds))
     return q, a
 
 
@@ -121,7 +166,6 @@ def cmd_data(args) -> int:
     from omegaconf import OmegaConf
 
     from videollm.long_video import interleave_subtitles, write_feature_file
-    from videollm.models.eva_vit import create_eva_vit_g
     from videollm.processors.clip_image import CLIPImageProcessor
 
     out = Path(args.out)
@@ -131,7 +175,7 @@ def cmd_data(args) -> int:
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     tiny = OmegaConf.to_container(OmegaConf.load(TINY))["model"]
-    vit = create_eva_vit_g(img_size=SIZE, precision="fp32", **tiny["vit"]).eval()
+    vit = seeded_eva(tiny["vit"], args.eva_init_std, args.eva_scale)
     torch.save(vit.state_dict(), out / "eva_tiny.pth")
 
     short = {"train": [], "test": []}
@@ -141,7 +185,7 @@ def cmd_data(args) -> int:
         seconds = rng.randint(1, 4)
         write_clip(out / "clips" / f"{i:05d}.mp4", spec, width=SIZE, height=SIZE, fps=4, duration=seconds)
         split = "test" if i < args.num_test_clips else "train"
-        short[split].append({"id": f"c{i}", "video": f"clips/{i:05d}.mp4", "conversations": _short_qa(rng, spec, seconds),
+        short[split].append({"id": f"c{i}", "video": f"clips/{i:05d}.mp4", "conversations": _short_qa(rng, spec, seconds, args.short_turns),
                              "color": spec.color, "shape": spec.shape, "seconds": seconds})
     for split, items in short.items():
         (out / f"short_{split}.json").write_text(json.dumps(items, indent=0))
@@ -149,23 +193,25 @@ def cmd_data(args) -> int:
     proc = CLIPImageProcessor(SIZE)
     long_train, long_test = [], []
     for i in range(args.num_long + args.num_test_long):
-        parts = _parts(rng)
-        frames = _long_frames(parts, i)
-        subs = _subtitles(parts, args.subtitle_every_second)
+        parts = _parts(rng, args.parts, not args.repeat_colors)
+        frames = _long_frames(parts, i, args.part_seconds)
+        subs = _subtitles(parts, args.part_seconds, args.subtitles == "every-second")
         if i < args.num_long:
             with torch.no_grad():
                 feats = vit(proc(frames).half().float()).numpy().astype(np.float16)
             inputs = interleave_subtitles(subs, [float(t) for t in range(len(frames))])
             write_feature_file(out / "long/train" / f"{i:05d}.pkl", feats, inputs)
             for _ in range(args.questions_per_long):
-                q, a = _long_qa(rng, parts)
+                q, a = _long_qa(rng, parts, args.long_kinds.split(","))
                 long_train.append({"id": f"l{i}", "video": f"long/train/{i:05d}.pkl", "conversations": [
                     {"from": "human", "value": MOVIE_START + "<image>" + MOVIE_END + "\n" + q}, {"from": "gpt", "value": a}]})
         else:
             name = f"{i:05d}"
             _write_mp4(out / "long/test" / f"{name}.mp4", frames)
             (out / "long/test" / f"{name}.srt").write_text(_srt(subs))
-            long_test.append({"video": f"long/test/{name}.mp4", "qa": _long_questions(parts)})
+            long_test.append({"video": f"long/test/{name}.mp4", "qa": _long_questions(parts, args.long_kinds.split(",")), "frames": len(frames)})
+    long_train += rng.sample(short["train"], min(args.short_in_long, len(short["train"])))
+    rng.shuffle(long_train)
     (out / "long_train.json").write_text(json.dumps(long_train, indent=0))
     (out / "long_test.json").write_text(json.dumps(long_test, indent=0))
     print(f"{args.num_clips} clips ({len(short['train'])} train), {args.num_long} long train videos "
@@ -204,30 +250,31 @@ def cmd_eval(args) -> int:
     torch.set_grad_enabled(False)
     if not args.skip_short:
         items = json.loads((data / "short_test.json").read_text())
-        hits = {"turn1": 0, "turn2": 0}
+        hits = {}
         per_kind = {}
         for item in items:
             conv, imgs = template.new_conversation(), []
             chat.upload_video_without_audio(str(data / item["video"]), conv, imgs)
-            for turn, k in ((0, "turn1"), (2, "turn2")):
+            for turn in range(0, len(item["conversations"]), 2):
+                k = f"turn{turn // 2 + 1}"
                 q = item["conversations"][turn]["value"].replace("\n<image>", "")
                 truth = item["conversations"][turn + 1]["value"]
                 chat.ask(q, conv)
                 answer, _ = chat.answer(conv, imgs, max_new_tokens=8)
                 ok = _match(answer, truth)
-                hits[k] += ok
-                kind = q.split()[1]
+                hits[k] = hits.get(k, 0) + ok
+                kind = {"many": "length"}.get(q.split()[1], q.split()[1])
                 per_kind.setdefault(kind, [0, 0])
                 per_kind[kind][0] += ok
                 per_kind[kind][1] += 1
         n = len(items)
-        results["short"] = {"clips": n, "turn1_accuracy": hits["turn1"] / n, "turn2_accuracy": hits["turn2"] / n,
+        results["short"] = {"clips": n, **{f"{k}_accuracy": v / n for k, v in hits.items()},
                             "by_question": {k: v[0] / v[1] for k, v in per_kind.items()}}
     if not args.skip_long:
         items = json.loads((data / "long_test.json").read_text())
         feat_dir = data / "long/test_features"
-        cfg_tiny = str(TINY)
-        correct = {}
+        cfg_tiny = str(args.model_config)
+        correct, partial, answers = {}, {}, {}
         for item in items:
             mp4 = data / item["video"]
             rc = features.main(["llama-vid", "--video", str(mp4), "--out", str(feat_dir), "--model-config", cfg_tiny,
@@ -243,9 +290,19 @@ def cmd_eval(args) -> int:
                 hit = correct.setdefault(kind, [0, 0])
                 hit[0] += _match(answer, truth)
                 hit[1] += 1
-        results["long"] = {"videos": len(items), "frames_per_video": PARTS * PART_SECONDS,
+                if truth.startswith("a "):  # "a <color> <shape>": each word on its own
+                    words = answer.strip().rstrip(".").lower().split()
+                    for slot, name in ((1, "color"), (2, "shape")):
+                        part = partial.setdefault(f"{kind}_{name}", [0, 0])
+                        part[0] += len(words) > slot and words[slot] == truth.split()[slot]
+                        part[1] += 1
+                answers.setdefault(kind, {}).setdefault(answer.strip(), 0)
+                answers[kind][answer.strip()] += 1
+        results["long"] = {"videos": len(items), "frames_per_video": sorted({item.get("frames") for item in items}),
                            **{k: v[0] / v[1] for k, v in correct.items()},
-                           "questions": sum(v[1] for v in correct.values())}
+                           "words": {k: v[0] / v[1] for k, v in partial.items()},
+                           "questions": sum(v[1] for v in correct.values()),
+                           "most_frequent_answers": {k: sorted(v.items(), key=lambda x: -x[1])[:3] for k, v in answers.items()}}
     print(json.dumps(results, indent=1))
     return 0
 
@@ -256,17 +313,29 @@ def main(argv=None) -> int:
     d = sub.add_parser("data")
     d.add_argument("--out", default="data/llama_vid_synth")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--num-clips", type=int, default=600)
+    d.add_argument("--num-clips", type=int, default=3060)
     d.add_argument("--num-test-clips", type=int, default=60)
-    d.add_argument("--num-long", type=int, default=240)
-    d.add_argument("--num-test-long", type=int, default=4)
+    d.add_argument("--short-turns", type=int, default=3, choices=(1, 2, 3), help="questions per short clip")
+    d.add_argument("--num-long", type=int, default=400)
+    d.add_argument("--num-test-long", type=int, default=12)
     d.add_argument("--questions-per-long", type=int, default=8)
-    d.add_argument("--subtitle-every-second", action="store_true", help="a running 'part <n>' caption on every frame")
+    d.add_argument("--parts", type=int, default=4, help="parts (shapes in sequence) of a long video")
+    d.add_argument("--part-seconds", type=int, default=15, help="seconds (frames at 1 fps) of each part")
+    d.add_argument("--repeat-colors", action="store_true",
+                   help="parts may share a colour (default: each part its own colour, when --parts <= 4)")
+    d.add_argument("--subtitles", choices=("every-second", "start"), default="every-second",
+                   help="'part <n>' on every second of its part, or only at its start")
+    d.add_argument("--short-in-long", type=int, default=200, help="short-clip conversations mixed into long_train.json")
+    d.add_argument("--long-kinds", default="what_is_in_part_n,which_part_has_x",
+                   help=f"comma-separated long-video question kinds, of {','.join(LONG_KINDS)}")
+    d.add_argument("--eva-init-std", type=float, default=0.1, help="std of the random EVA's weights")
+    d.add_argument("--eva-scale", type=float, default=10.0, help="factor on the random EVA's outputs (its init)")
     e = sub.add_parser("eval")
     e.add_argument("--cfg-path", default="eval_configs/llama_vid_tiny.yaml")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--data", default="data/llama_vid_synth")
     e.add_argument("--options", nargs="*")
+    e.add_argument("--model-config", default=str(TINY), help="model YAML whose EVA dimensions the features command uses")
     e.add_argument("--skip-short", action="store_true")
     e.add_argument("--skip-long", action="store_true")
     args = parser.parse_args(argv)

@@ -330,6 +330,7 @@ class LLaMAVID(VideoLLM):
     tolerated_unexpected = (r"rotary_emb\.inv_freq",)
     PRETRAINED_MODEL_CONFIG_DICT = {
         "tiny": "configs/models/llama_vid_tiny.yaml",
+        "tiny_synth": "configs/models/llama_vid_tiny_synth.yaml",
         "vicuna7b_video": "configs/models/llama_vid_vicuna7b_video.yaml",
         "vicuna13b_video": "configs/models/llama_vid_vicuna13b_video.yaml",
         "vicuna7b_image336": "configs/models/llama_vid_vicuna7b_image336.yaml",

@@ -1,0 +1,58 @@
+"""The tiny LLaMA-VID recipes' synthetic data (scripts/llama_vid_synthetic.py): the toy EVA's init and the files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import llama_vid_synthetic as synth  # noqa: E402
+
+DIMS = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 4, "mlp_hidden": 64}
+
+
+def test_seeded_eva_scale_multiplies_the_features():
+    x = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = synth.seeded_eva(DIMS, 0.1, 1.0)
+    torch.manual_seed(0)
+    scaled = synth.seeded_eva(DIMS, 0.1, 10.0)
+    with torch.no_grad():
+        a, b = plain(x), scaled(x)
+    assert a.shape == (3, 1 + 64, 32)
+    # the blocks' LayerNorms are scale-invariant up to their eps (1e-6), which the small CLS token feels
+    torch.testing.assert_close(b[:, 1:], 10.0 * a[:, 1:], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(b[:, :1], 10.0 * a[:, :1], rtol=3e-2, atol=3e-3)
+    linear = [m.weight.detach() for m in plain.modules() if isinstance(m, torch.nn.Linear)]
+    assert 0.06 < float(torch.cat([w.flatten() for w in linear]).std()) < 0.1  # std 0.1, /sqrt(2i) on proj, fc2
+
+
+def test_data_command_writes_clips_movies_and_questions(tmp_path):
+    out = tmp_path / "synth"
+    assert synth.main(["data", "--out", str(out), "--num-clips", "3", "--num-test-clips", "1", "--num-long", "1",
+                       "--num-test-long", "1", "--questions-per-long", "3", "--short-in-long", "1",
+                       "--parts", "4", "--part-seconds", "3"]) == 0
+    from videollm.long_video import parse_srt, read_feature_file
+
+    short = json.loads((out / "short_train.json").read_text())
+    assert len(short) == 2 and all(len(item["conversations"]) == 6 for item in short)  # three turns
+    asked = [turn["value"].split("\n")[0] for turn in short[0]["conversations"][::2]]
+    assert sorted(asked) == sorted(["What color is the shape?", "What shape is moving?",
+                                    "How many seconds long is the video?"])
+    feats, inputs = read_feature_file(out / "long/train/00000.pkl")
+    tiny = synth.TINY.read_text()
+    assert "patch_size: 4, embed_dim: 128" in tiny and feats.shape == (12, 65, 128) and feats.dtype == np.float16
+    assert inputs.count("<image>part one") == 3 and inputs.endswith("<image>part four")  # a caption every second
+    long_train = json.loads((out / "long_train.json").read_text())
+    assert len(long_train) == 4 and sum(item["video"].endswith(".mp4") for item in long_train) == 1
+    test = json.loads((out / "long_test.json").read_text())[0]
+    assert test["frames"] == 12 and {kind for _, _, kind in test["qa"]} == {"what_is_in_part_n", "which_part_has_x"}
+    colors = [truth.split()[1] for _, truth, kind in test["qa"] if kind == "what_is_in_part_n"]
+    assert len(set(colors)) == 4  # each part its own colour
+    subs = parse_srt(out / test["video"].replace(".mp4", ".srt"))
+    assert len(subs) == 12 and subs[3]["text"] == "part two"
