@@ -8,13 +8,19 @@ original's ``LlavaLlamaAttForCausalLM`` built at the same sizes, and compared on
   ``tokenizer_image_token``) + ``DataCollatorForSupervisedDataset`` on a video sample (two turns,
   the second gets its ``<image>`` at random, same seed both sides), an image sample and a text-only
   sample, against our batch processor: input_ids, labels, attention_mask, Q-Former prompts (exact);
-  the same for ``preprocess_plain_guided`` (stage 1);
+  the same for ``preprocess_plain_guided`` (stage 1), for a feature-file sample
+  (``preprocess_multimodal_movie``, stage 3) and for the batch at a ``model_max_length`` (195) that
+  its media tokens take it past;
+* ``media``: a video file's frames (decord, step ``round(avg_fps / 1)``) and a 3:2 image (padded to a
+  square with the mean colour) through a ``CLIPImageProcessor`` configured as the original's
+  ``llamavid/processor/clip-patch14-224`` (at the tiny size) against our ``load_media``;
 * ``bert_ids``: the Q-Former's instruction ids (the toy WordPiece vocabulary + ``[DEC]``, left
   truncation at 256, one prompt longer than that);
 * ``eva``: the EVA tower's outputs; ``tokens``: the [context ; content] tokens of a 3-frame video and
   of an image for two questions and ``compress_type`` mean / grid:2 / none, and of a 70-frame long
   video (feature path, chunks of 64);
-* ``train``: the loss and the logits of every attended position of that training batch;
+* ``train``: the loss and the logits of every attended position of that training batch, and the
+  loss of the cut batch;
 * ``greedy``: 8 greedy tokens (and the first step's logits) from a chat prompt as our chat writes it
   (``llamavid_llava_v1`` with a video file, ``llamavid_vicuna_v1`` with an image), the prompt text
   against the original's ``llava_v1`` / ``vicuna_v1`` conversation built as its CLI does.
@@ -71,7 +77,10 @@ CONVS = [
     [{"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": "A blue square."}],
     [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello there."}],
 ]
+MOVIE_INPUTS = "<image>Hello there.<image><image>... Where is it going?<image>"  # a feature file's ``inputs``
+MOVIE_CONV = [{"from": "human", "value": "<image>\nWhat happens in the movie?"}, {"from": "gpt", "value": "A circle moves."}]
 CAPTION = [{"from": "human", "value": "Describe the image briefly.\n<image>"}, {"from": "gpt", "value": "a red circle"}]
+CUT = 195  # model_max_length of the cut batch (its longest sample: 189 ids, 204 positions with media)
 COMPRESS = ("mean", "grid:2", None)
 LLAMAVID_MIRROR = "/work/.mirror/dvlab-research+LLaMA-VID/repo"
 LLAVA_MIRROR = "/work/.mirror/haotian-liu+LLaVA/repo"
@@ -135,8 +144,10 @@ def ours(out: Path, tmp: Path) -> None:
     sys.path.insert(0, str(REPO))
     import random
 
+    import numpy as np
     import torch
     from omegaconf import OmegaConf
+    from PIL import Image
 
     from videollm.chat import Chat
     from videollm.models.base import Media
@@ -185,10 +196,27 @@ def ours(out: Path, tmp: Path) -> None:
         plain = LLaMAVIDProcessor(cfg["tokenizer"], "plain_guided", cfg["model_max_length"], model.cfg.video_token)(
             {"media": [Media("image", image)], "conversations": [[dict(t) for t in CAPTION]]})
         res["plain"] = {k: plain[k] for k in ("input_ids", "labels", "attention_mask", "prompts")}
+        # a model_max_length that cuts the batch (before and after the media tokens are inserted)
+        random.seed(SEED)
+        cut = LLaMAVIDProcessor(cfg["tokenizer"], "imgsp_v1", CUT, model.cfg.video_token)(
+            {"media": [Media("video", video), Media("image", image), None], "conversations": [[dict(t) for t in c] for c in CONVS]})
+        full_length, model.cfg.model_max_length = model.cfg.model_max_length, CUT
+        res["cut"] = {**{k: cut[k] for k in ("input_ids", "labels", "attention_mask", "prompts")},
+                      "loss": model(dict(cut))["loss"]}
+        model.cfg.model_max_length = full_length
+        movie = Media("features", feats, {"inputs": MOVIE_INPUTS})
+        movie_batch = model.prepare_batch({"media": [movie], "conversations": [[dict(t) for t in MOVIE_CONV]]})
+        res["movie"] = {k: movie_batch[k] for k in ("input_ids", "labels", "attention_mask", "prompts")}
 
         # chat: a video file with llava_v1 (the CLI's), an image with vicuna_v1 (the eval scripts')
-        clip = tmp / "llama_vid_parity.mp4"
-        write_clip(clip, ClipSpec("p", "circle", "red", "left", "slow"), width=size, height=size, fps=4, duration=3)
+        clip = tmp / "llama_vid_parity.mp4"  # 2:1 (decord needs a width multiple of 32 here): resize + centre crop
+        write_clip(clip, ClipSpec("p", "circle", "red", "left", "slow"), width=size * 2, height=size, fps=4,
+                   duration=3)
+        png = tmp / "llama_vid_parity.png"  # noise, 3:2 (padding to a square, bicubic resize)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size * 3 // 2, 3), dtype=np.uint8)).save(png)
+        res["media_files"] = {"video": str(clip), "image": str(png), "fps": model.cfg.video_fps,
+                              "video_pixels": model.load_media(str(clip), "video").data.permute(1, 0, 2, 3),
+                              "image_pixels": model.load_media(str(png), "image", pad=True).data}
         chats = []
         for template, kind in (("llamavid_llava_v1", "video"), ("llamavid_vicuna_v1", "image")):
             chat = Chat(model)
@@ -349,6 +377,8 @@ def original(data: Path) -> None:
         tok.pad_token = tok.unk_token  # train.py, v1 templates
         tokenizers["default" if legacy is None else "legacy=False"] = tok
     tok = tokenizers["default"]
+    tok_cut = transformers.LlamaTokenizer.from_pretrained(str(folder), model_max_length=CUT, padding_side="right")
+    tok_cut.pad_token = tok_cut.unk_token
 
     # ---- the batch: train.py's functions, extracted from its source and run as they are
     ns = {"torch": torch, "random": random, "copy": copy, "transformers": transformers, "dataclass": dataclass,
@@ -357,8 +387,8 @@ def original(data: Path) -> None:
           "DEFAULT_IM_START_TOKEN": "<im_start>", "DEFAULT_IM_END_TOKEN": "<im_end>",
           "tokenizer_image_token": tokenizer_image_token}
     train_py = Path(llamavid.__file__).parent / "train" / "train.py"
-    exec(_functions(train_py, {"preprocess_multimodal", "preprocess_imgsp_v1", "preprocess_plain_guided",
-                               "DataCollatorForSupervisedDataset"}), ns)
+    exec(_functions(train_py, {"preprocess_multimodal", "preprocess_multimodal_movie", "preprocess_imgsp_v1",
+                               "preprocess_plain_guided", "DataCollatorForSupervisedDataset"}), ns)
     data_args = types.SimpleNamespace(is_multimodal=True, mm_use_im_start_end=False)
     inputs = d["inputs"]
 
@@ -389,11 +419,47 @@ def original(data: Path) -> None:
     random.seed(SEED)
     theirs = original_batch(tok, CONVS, media, "imgsp_v1")
     compare_batch("imgsp_v1 batch", theirs, d["batch"])
+    # information only: a tokenizer_config.json saying "legacy": false would change 4.31's ids
+    # (no prefix space after special tokens); our tokenizer and the folder-less default are legacy
+    print("(info) the same batch with LlamaTokenizer(legacy=False), not compared:")
     random.seed(SEED)
     legacy_off = original_batch(tokenizers["legacy=False"], CONVS, media, "imgsp_v1")
-    report["tokenizer legacy=False same ids"] = bool(torch.equal(legacy_off["input_ids"], theirs["input_ids"]))
+    report["(info) legacy=False gives the same ids"] = (
+        legacy_off["input_ids"].shape == theirs["input_ids"].shape and bool(torch.equal(legacy_off["input_ids"], theirs["input_ids"])))
+    print(f"(info) legacy=False gives the same ids: {report['(info) legacy=False gives the same ids']}")
     plain = original_batch(tok, [CAPTION], [inputs["image"]], "plain_guided")
     compare_batch("plain_guided batch", plain, d["plain"])
+    # stage 3: a feature file (LazySupervisedDataset's .pkl branch, video_token 2)
+    conversation_lib.default_conversation = conversation_lib.conv_templates["imgsp_v1"]
+    movie_prompt = MOVIE_INPUTS.replace("...", "").replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IMAGE_TOKEN * 2)
+    sources, query = ns["preprocess_multimodal_movie"](copy.deepcopy([MOVIE_CONV]), data_args, movie_prompt)
+    out = ns["preprocess_imgsp_v1"](sources, tok, has_image=True)
+    movie = ns["DataCollatorForSupervisedDataset"](tokenizer=tok)(
+        [{"input_ids": out["input_ids"][0], "labels": out["labels"][0], "image": inputs["feats"], "prompt": [query]}])
+    compare_batch("movie (stage 3) batch", movie, d["movie"])
+
+    # ---- media: LazySupervisedDataset's video branch (decord, step round(avg_fps / video_fps)) and
+    # image branch (expand2square with the mean colour) through a CLIPImageProcessor as the
+    # original's llamavid/processor/clip-patch14-224 folder configures it, at the tiny size
+    from decord import VideoReader, cpu
+    from PIL import Image
+
+    files = d["media_files"]
+    size = c["vit"]["img_size"]
+    processor = transformers.CLIPImageProcessor(size=size, crop_size=size, do_center_crop=True, do_normalize=True,
+                                                do_resize=True, resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                                image_std=[0.26862954, 0.26130258, 0.27577711])
+    vr = VideoReader(files["video"], ctx=cpu(0))
+    step = round(vr.get_avg_fps() / files["fps"])
+    frames = vr.get_batch([i for i in range(0, len(vr), step)]).asnumpy()
+    close("video frames (decord + CLIP)", processor.preprocess(frames, return_tensors="pt")["pixel_values"],
+          files["video_pixels"])
+    image = Image.open(files["image"]).convert("RGB")
+    width, height = image.size
+    square = Image.new(image.mode, (max(width, height),) * 2, tuple(int(x * 255) for x in processor.image_mean))
+    square.paste(image, (0, (width - height) // 2) if width > height else ((height - width) // 2, 0))
+    close("image (pad + CLIP)", processor.preprocess(square, return_tensors="pt")["pixel_values"][0],
+          files["image_pixels"])
 
     with torch.no_grad():
         # ---- Q-Former instruction ids, EVA, per-frame tokens
@@ -428,6 +494,14 @@ def original(data: Path) -> None:
         if same_mask:
             keep = mask.bool()
             close("train logits (attended)", out.logits[keep], d["logits"][keep])
+
+        random.seed(SEED)
+        cut = original_batch(tok_cut, CONVS, media, "imgsp_v1")
+        compare_batch(f"cut batch (max_length {CUT})", cut, d["cut"])
+        out = model(input_ids=cut["input_ids"], attention_mask=cut["attention_mask"], labels=cut["labels"],
+                    images=cut["images"], prompts=cut["prompts"], return_dict=True)
+        diff = abs(out.loss.item() - d["cut"]["loss"].item())
+        item("cut batch loss", diff < TOL, f"{out.loss.item():.6f} vs {d['cut']['loss'].item():.6f} ({diff:.1e})")
 
         # ---- chat prompts and greedy tokens
         for chat in d["chats"]:

@@ -224,6 +224,23 @@ def test_stage3_long_video_batch_and_loss(bert_dir):
     assert trainable == {"llm.model", "llm.lm_head", "model.mm_projector"}
 
 
+def test_model_max_length_cuts_the_ids_not_the_sequence_with_media(model, monkeypatch):
+    # the original's collator cuts the ids at model_max_length; the media tokens then go in uncut
+    # (a sample may grow past it); cut_after_media=True cuts the sequence after (an option)
+    batch = model.batch_processor()({"conversations": [_turns(("<image>\nWhat is the color?", "red"))],
+                                     "media": [video(3)]})
+    n_ids = int(batch["lengths"][0])  # one <image> id; 3 frames x 2 tokens take its place
+    with torch.no_grad():
+        ref = model(dict(batch))
+        monkeypatch.setattr(model.cfg, "model_max_length", n_ids)
+        same = model(dict(batch))
+        monkeypatch.setattr(model.cfg, "cut_after_media", True)
+        cut = model(dict(batch))
+    assert ref["seq_len"] == same["seq_len"] == n_ids - 1 + 6
+    assert torch.equal(same["loss"], ref["loss"]) and same["num_tokens"] == ref["num_tokens"]
+    assert cut["seq_len"] == n_ids and cut["num_tokens"] < ref["num_tokens"]  # the answer's tail is cut off
+
+
 def test_training_step_reduces_loss_stage2(bert_dir):
     model = build_tiny(bert_dir, stage=2)
     model.train()

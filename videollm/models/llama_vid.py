@@ -175,6 +175,9 @@ class LLaMAVIDConfig:
     # LLM
     llm_dtype: str = "fp16"
     model_max_length: int = 2048  # > the LLM's context -> linear RoPE scaling (ceil ratio), as train.py
+    # The original cuts the ids at model_max_length before the media tokens go in, so a sample may
+    # grow past it; True also cuts the sequence after they go in (later LLaVA's rule, an option).
+    cut_after_media: bool = False
     rope_scaling: Optional[Dict[str, Any]] = None  # explicit {"type": "linear", "factor": 16}
     low_resource: bool = False
     load_in_4bit: bool = False
@@ -748,7 +751,7 @@ class LLaMAVID(VideoLLM):
                                              batch["prompts"][i], f"sample {i}"))
         merged = self._merge(rows)
         embeds, mask, labels = merged
-        if embeds.shape[1] > self.cfg.model_max_length:  # the collator's cut, after expansion
+        if self.cfg.cut_after_media and embeds.shape[1] > self.cfg.model_max_length:
             embeds, mask, labels = (t[:, : self.cfg.model_max_length] for t in (embeds, mask, labels))
         with self.maybe_autocast(embeds.device):
             out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, return_dict=True)
