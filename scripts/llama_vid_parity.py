@@ -20,7 +20,9 @@ original's ``LlavaLlamaAttForCausalLM`` built at the same sizes, and compared on
   of an image for two questions and ``compress_type`` mean / grid:2 / none, and of a 70-frame long
   video (feature path, chunks of 64);
 * ``train``: the loss and the logits of every attended position of that training batch, and the
-  loss of the cut batch;
+  loss of the cut batch; ``long``: the same for a two-movie feature-file batch (stage 3) on a second
+  pair of models with a 1024-wide EVA (the original takes an input for features, not pixels, when
+  its last dimension exceeds 1000);
 * ``greedy``: 8 greedy tokens (and the first step's logits) from a chat prompt as our chat writes it
   (``llamavid_llava_v1`` with a video file, ``llamavid_vicuna_v1`` with an image), the prompt text
   against the original's ``llava_v1`` / ``vicuna_v1`` conversation built as its CLI does.
@@ -79,6 +81,8 @@ CONVS = [
 ]
 MOVIE_INPUTS = "<image>Hello there.<image><image>... Where is it going?<image>"  # a feature file's ``inputs``
 MOVIE_CONV = [{"from": "human", "value": "<image>\nWhat happens in the movie?"}, {"from": "gpt", "value": "A circle moves."}]
+MOVIE_INPUTS_2 = "<image>Bye.<image>"
+LONG_WIDTH = 1024  # > 1000: the original's test for "these are features, not pixels"
 CAPTION = [{"from": "human", "value": "Describe the image briefly.\n<image>"}, {"from": "gpt", "value": "a red circle"}]
 CUT = 195  # model_max_length of the cut batch (its longest sample: 189 ids, 204 positions with media)
 COMPRESS = ("mean", "grid:2", None)
@@ -157,12 +161,39 @@ def ours(out: Path, tmp: Path) -> None:
     from videollm.tokenizer import TINY_TOKENIZER_DIR
 
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "videollm/configs/models/llama_vid_tiny.yaml").model)
-    torch.manual_seed(0)
-    model = LLaMAVID.from_config(cfg).eval()
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+
+    def build(**overrides):
+        torch.manual_seed(0)
+        built = LLaMAVID.from_config({**cfg, **overrides}).eval()
+        with torch.no_grad():
+            for p in built.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        return built
+
+    def describe(m):
+        llm, vit, qf = m.llm.config, m.model.vision_tower.vision_tower, m.model.vlm_att_encoder.config
+        return {
+            "llm": {k: getattr(llm, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                 "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                                 "max_position_embeddings", "rms_norm_eps")},
+            "vit": {"img_size": m.image_size, "patch_size": vit.patch_embed.patch_size[0], "embed_dim": vit.num_features,
+                    "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads,
+                    "mlp_ratio": vit.blocks[0].mlp.fc1.out_features / vit.num_features},
+            "qformer": {k: getattr(qf, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                    "intermediate_size", "max_position_embeddings", "cross_attention_freq")},
+            "num_query": m.num_query, "compress_type": m.compress_type, "mm_projector_type": cfg["mm_projector_type"],
+            "model_max_length": m.cfg.model_max_length, "tokenizer_model": str(TINY_TOKENIZER_DIR / "tokenizer.model"),
+            "bert_dir": str(TINY_BERT_DIR), "pad_token_id": m.tokenizer.pad_token_id,
+        }
+
+    def logits_of(m, batch):
+        rows = [m.sample_segments(batch["input_ids"][i, :n], batch["labels"][i, :n], batch["media"][i],
+                                  batch["prompts"][i], f"sample {i}") for i, n in enumerate(batch["lengths"])]
+        merged = m._merge(rows)
+        return m.llm(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask).logits, merged.attention_mask
+
+    model = build()
     size = model.image_size
     video = torch.randn(3, 3, size, size, generator=g)  # (C, F, H, W)
     image = torch.randn(3, size, size, generator=g)
@@ -188,11 +219,7 @@ def ours(out: Path, tmp: Path) -> None:
                                      "conversations": [[dict(t) for t in c] for c in CONVS]})
         res["batch"] = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "prompts")}
         res["loss"] = model(dict(batch))["loss"]
-        rows = [model.sample_segments(batch["input_ids"][i, :n], batch["labels"][i, :n], batch["media"][i],
-                                      batch["prompts"][i], f"sample {i}") for i, n in enumerate(batch["lengths"])]
-        merged = model._merge(rows)
-        res["logits"] = model.llm(inputs_embeds=merged.inputs_embeds, attention_mask=merged.attention_mask).logits
-        res["mask"] = merged.attention_mask
+        res["logits"], res["mask"] = logits_of(model, batch)
         plain = LLaMAVIDProcessor(cfg["tokenizer"], "plain_guided", cfg["model_max_length"], model.cfg.video_token)(
             {"media": [Media("image", image)], "conversations": [[dict(t) for t in CAPTION]]})
         res["plain"] = {k: plain[k] for k in ("input_ids", "labels", "attention_mask", "prompts")}
@@ -237,23 +264,21 @@ def ours(out: Path, tmp: Path) -> None:
                           "first_logits": first, "generated": gen[0, -8:]})
         res["chats"] = chats
 
-    llm = model.llm.config
-    vit = model.model.vision_tower.vision_tower
-    qf = model.model.vlm_att_encoder.config
     res["state"] = {to_released_key(k): v for k, v in model.state_dict().items()}
     res["inputs"] = {"video": video.permute(1, 0, 2, 3), "image": image, "feats": feats}
-    res["config"] = {
-        "llm": {k: getattr(llm, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                             "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps")},
-        "vit": {"img_size": size, "patch_size": vit.patch_embed.patch_size[0], "embed_dim": vit.num_features,
-                "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads,
-                "mlp_ratio": vit.blocks[0].mlp.fc1.out_features / vit.num_features},
-        "qformer": {k: getattr(qf, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                "intermediate_size", "max_position_embeddings", "cross_attention_freq")},
-        "num_query": model.num_query, "compress_type": cfg["compress_type"], "mm_projector_type": cfg["mm_projector_type"],
-        "model_max_length": cfg["model_max_length"], "tokenizer_model": str(TINY_TOKENIZER_DIR / "tokenizer.model"),
-        "bert_dir": str(TINY_BERT_DIR), "pad_token_id": model.tokenizer.pad_token_id,
-    }
+    res["config"] = describe(model)
+
+    # long video through training (stage 3): the original takes features for pixels when their last
+    # dimension exceeds 1000, so this pair of models has a 1024-wide EVA (the rest as the preset)
+    wide = build(vit={**cfg["vit"], "embed_dim": LONG_WIDTH}, stage=3)
+    movies = [Media("features", torch.randn(len(inputs.split("<image>")) - 1, wide.patches, LONG_WIDTH, generator=g),
+                    {"inputs": inputs}) for inputs in (MOVIE_INPUTS, MOVIE_INPUTS_2)]
+    with torch.no_grad():
+        long_batch = wide.prepare_batch({"media": movies, "conversations": [[dict(t) for t in MOVIE_CONV]] * 2})
+        long_logits, long_mask = logits_of(wide, long_batch)
+        res["long"] = {"state": {to_released_key(k): v for k, v in wide.state_dict().items()}, "config": describe(wide),
+                       "feats": [m.data for m in movies], "loss": wide(dict(long_batch))["loss"], "logits": long_logits,
+                       "mask": long_mask, **{k: long_batch[k] for k in ("input_ids", "labels", "attention_mask", "prompts")}}
     torch.save(res, out)
 
 
@@ -502,6 +527,31 @@ def original(data: Path) -> None:
                     images=cut["images"], prompts=cut["prompts"], return_dict=True)
         diff = abs(out.loss.item() - d["cut"]["loss"].item())
         item("cut batch loss", diff < TOL, f"{out.loss.item():.6f} vs {d['cut']['loss'].item():.6f} ({diff:.1e})")
+
+        # ---- a long-video (feature file) training batch through the original's forward
+        lv = d["long"]
+        wide, wide_loaded = build_original(lv["config"], lv["state"])
+        missing = [k for k in wide_loaded.missing_keys if not k.endswith("rotary_emb.inv_freq")]
+        item("long: state dict (strict)", not missing and not wide_loaded.unexpected_keys,
+             f"missing {len(missing)}, unexpected {len(wide_loaded.unexpected_keys)}")
+        instances = []
+        for inputs, feats in zip((MOVIE_INPUTS, MOVIE_INPUTS_2), lv["feats"]):
+            movie_prompt = inputs.replace("...", "").replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IMAGE_TOKEN * 2)
+            sources, query = ns["preprocess_multimodal_movie"](copy.deepcopy([MOVIE_CONV]), data_args, movie_prompt)
+            out = ns["preprocess_imgsp_v1"](sources, tok, has_image=True)
+            instances.append({"input_ids": out["input_ids"][0], "labels": out["labels"][0], "image": feats,
+                              "prompt": [query]})
+        long_batch = ns["DataCollatorForSupervisedDataset"](tokenizer=tok)(instances)
+        compare_batch("long batch", long_batch, lv)
+        out = wide(input_ids=long_batch["input_ids"], attention_mask=long_batch["attention_mask"],
+                   labels=long_batch["labels"], images=long_batch["images"], prompts=long_batch["prompts"], return_dict=True)
+        diff = abs(out.loss.item() - lv["loss"].item())
+        item("long loss", diff < TOL, f"{out.loss.item():.6f} vs {lv['loss'].item():.6f} ({diff:.1e})")
+        keep = lv["mask"].bool()
+        if keep.shape == long_batch["attention_mask"].shape and torch.equal(keep, long_batch["attention_mask"].bool()):
+            close("long logits (attended)", out.logits[keep], lv["logits"][keep])
+        else:
+            item("long logits (attended)", False, "attention masks differ")
 
         # ---- chat prompts and greedy tokens
         for chat in d["chats"]:
