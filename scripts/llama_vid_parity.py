@@ -25,7 +25,8 @@ original's ``LlavaLlamaAttForCausalLM`` built at the same sizes, and compared on
   its last dimension exceeds 1000);
 * ``greedy``: 8 greedy tokens (and the first step's logits) from a chat prompt as our chat writes it
   (``llamavid_llava_v1`` with a video file, ``llamavid_vicuna_v1`` with an image), the prompt text
-  against the original's ``llava_v1`` / ``vicuna_v1`` conversation built as its CLI does.
+  against the original's ``llava_v1`` / ``vicuna_v1`` conversation built as its CLI does; the
+  ``llava_v1`` one again with both models in fp16 (the released inference precision).
 
 Setup (PyPI only; the original pins transformers 4.31)::
 
@@ -263,6 +264,20 @@ def ours(out: Path, tmp: Path) -> None:
                           "pixels": pixels.permute(1, 0, 2, 3) if kind == "video" else pixels[None],
                           "first_logits": first, "generated": gen[0, -8:]})
         res["chats"] = chats
+
+        # the released inference precision: everything in fp16 (the original's builder + for_eval casts)
+        half = LLaMAVID.from_config({**cfg, "llm_dtype": "fp16", "vit_precision": "fp16"}).eval()
+        half.load_state_dict(model.state_dict())
+        chat = Chat(half)
+        conv = get_template("llamavid_llava_v1").new_conversation()
+        media = []
+        chat.upload_video_without_audio(str(clip), conv, media)
+        chat.ask(QUESTIONS[0], conv)
+        embs = chat.prepare(conv, media, max_new_tokens=8)
+        res["fp16"] = {"prompt": conv.get_prompt(), "question": QUESTIONS[0], "pixels": media[0].media.data.permute(1, 0, 2, 3),
+                       "first_logits": half.llm(inputs_embeds=embs).logits[0, -1],
+                       "generated": half.generate(inputs_embeds=embs, attention_mask=torch.ones(embs.shape[:2], dtype=torch.long),
+                                                  max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, -8:]}
 
     res["state"] = {to_released_key(k): v for k, v in model.state_dict().items()}
     res["inputs"] = {"video": video.permute(1, 0, 2, 3), "image": image, "feats": feats}
@@ -571,6 +586,20 @@ def original(data: Path) -> None:
             item(f"chat {name} 8 greedy tokens", gen.tolist() == chat["generated"].tolist(),
                  f"{gen.tolist()} vs {chat['generated'].tolist()}"[:46])
             report[f"chat {name} greedy"] = {"original": gen.tolist(), "videollm": chat["generated"].tolist()}
+        # ---- fp16 (CPU kernels: agreement to fp16 rounding, not bit-exact)
+        f16 = d["fp16"]
+        model.half()
+        ids = tokenizer_image_token(f16["prompt"], tok, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+        model.update_prompt([[f16["question"]]])
+        images = [f16["pixels"].half()]  # serve/cli.py: image_tensor.half()
+        first = model(input_ids=ids, attention_mask=torch.ones_like(ids), images=images, return_dict=True).logits[0, -1]
+        diff = (first.float() - f16["first_logits"].float()).abs().max().item()
+        scale = first.float().abs().max().item()
+        item("fp16 chat first-step logits", diff < 2e-2 * scale, f"max abs diff {diff:.2e} (max |logit| {scale:.2f})")
+        gen = model.generate(ids, images=images, do_sample=False, max_new_tokens=8, min_new_tokens=8, use_cache=True)
+        gen = gen[0, ids.shape[1]:]
+        item("fp16 chat 8 greedy tokens", gen.tolist() == f16["generated"].tolist(),
+             f"{gen.tolist()} vs {f16['generated'].tolist()}"[:46])
     report["failed"] = fails
     print(json.dumps(report, indent=1, default=str))
     sys.exit(1 if fails else 0)
