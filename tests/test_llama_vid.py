@@ -432,7 +432,8 @@ def test_chat_with_feature_file(tmp_path, model):
 @pytest.mark.parametrize("path", [
     "train_configs/llama_vid_stage1_pretrain_7b.yaml", "train_configs/llama_vid_stage2_finetune_7b.yaml",
     "train_configs/llama_vid_stage3_longvideo_7b.yaml", "train_configs/llama_vid_tiny_synthetic.yaml",
-    "train_configs/llama_vid_tiny_synthetic_long.yaml", "eval_configs/llama_vid_tiny.yaml",
+    "train_configs/llama_vid_tiny_synthetic_long.yaml", "train_configs/llama_vid_tiny_synthetic_long_more.yaml",
+    "eval_configs/llama_vid_tiny.yaml",
     "eval_configs/llama_vid_7b_video.yaml", "eval_configs/llama_vid_7b_longvideo.yaml"])
 def test_recipes_validate(path):
     from videollm.config import load_config
