@@ -94,10 +94,7 @@ def test_chat_prompt_format_tokenises_the_chats_own_prompt():
 
 
 class _RecordingChat:
-    """Just enough of the Chat API for run_conversations: records what is asked, answers blankly."""
-
-    def __init__(self):
-        self.asked = []
+    """Just enough of the Chat API for run_conversations: answers every question blankly."""
 
     def upload_video_without_audio(self, path, conv, media):
         media.append(path)
@@ -110,7 +107,6 @@ class _RecordingChat:
 
     def answer_batch(self, convs, media_lists, max_new_tokens=16):
         for conv in convs:
-            self.asked.append(conv.messages[-1][1])
             conv.append_message(conv.roles[1], "nothing")
         return [("nothing", None) for _ in convs]
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -77,7 +78,7 @@ REDIRECT_IMAGES_JS = """
       || suffixes.some((s) => f.name.toLowerCase().endsWith(s)));
   const redirect = (file) => {
     const hint = document.querySelector('#media_hint');
-    if (hint) { hint.innerText = message; hint.setAttribute('data-redirected', 'true'); }
+    if (hint) hint.innerText = message;
     const target = document.querySelector('#image_input input[type=file]');
     if (!target) return;
     const files = new DataTransfer();
@@ -364,6 +365,7 @@ def _media_path(value: Any) -> Optional[str]:
 # The app
 
 
+@functools.lru_cache(maxsize=None)
 def _path_image_class():
     """A ``gr.Image`` class whose ``preprocess`` hands the uploaded file's path to the handler
     WITHOUT decoding it.
@@ -390,15 +392,9 @@ def _path_image_class():
                            {"preprocess": preprocess, "__module__": __name__, "__qualname__": "PathImage"})
 
 
-_PATH_IMAGE = None
-
-
 def _path_image(**kwargs):
     """A path-passing image box (:func:`_path_image_class`)."""
-    global _PATH_IMAGE
-    if _PATH_IMAGE is None:
-        _PATH_IMAGE = _path_image_class()
-    return _PATH_IMAGE(**kwargs)
+    return _path_image_class()(**kwargs)
 
 
 def build_demo(chat: Chat, opts: Optional[DemoOptions] = None):

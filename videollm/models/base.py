@@ -155,6 +155,8 @@ class VideoLLM(nn.Module):
     media_placeholder: ClassVar[str] = "<image>"
     text_conditioned: ClassVar[bool] = False
     token_count: ClassVar[str] = "fixed"  # "fixed" | "per_frame" | "data"
+    # load_media takes a prepared feature file (.pkl, videollm.long_video); the demo then offers one
+    reads_feature_files: ClassVar[bool] = False
     default_template: ClassVar[str] = "vicuna"
     # Keys a checkpoint may carry that the model does not have (regular expressions).
     tolerated_unexpected: ClassVar[Tuple[str, ...]] = ()

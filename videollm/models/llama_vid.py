@@ -329,7 +329,7 @@ class LLaMAVID(VideoLLM):
     media_placeholder = IMAGE_TOKEN
     text_conditioned = True
     token_count = "per_frame"
-    reads_feature_files = True  # load_media takes a .pkl (long_video.read_feature_file); the demo offers it
+    reads_feature_files = True  # load_media takes a .pkl (long_video.read_feature_file)
     tolerated_unexpected = (r"rotary_emb\.inv_freq",)
     PRETRAINED_MODEL_CONFIG_DICT = {
         "tiny": "configs/models/llama_vid_tiny.yaml",
