@@ -59,10 +59,25 @@ SIZE = 32
 TINY = ROOT / "videollm/configs/models/llama_vid_tiny_synth.yaml"
 
 
-def _short_qa(rng: random.Random, spec: ClipSpec, seconds: int, turns: int = 3):
-    """``turns`` of the three questions (colour, shape, length), in random order."""
-    qa = [("What color is the shape?", spec.color), ("What shape is moving?", spec.shape),
-          ("How many seconds long is the video?", f"{NUMBERS[seconds - 1]} seconds")]
+SHORT_KINDS = ("color", "shape", "length", "match")
+
+
+def _match_question(rng: random.Random, spec: ClipSpec):
+    """"Is there a <color> <shape>?": half of the time the clip's own pair (yes), otherwise a pair
+    that differs in its colour, its shape or both (no)."""
+    if rng.random() < 0.5:
+        return f"Is there a {spec.color} {spec.shape}?", "yes"
+    pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) != (spec.color, spec.shape)]
+    color, shape = rng.choice(pairs)
+    return f"Is there a {color} {shape}?", "no"
+
+
+def _short_qa(rng: random.Random, spec: ClipSpec, seconds: int, turns: int = 3, kinds=SHORT_KINDS[:3]):
+    """``turns`` of the questions of ``kinds`` (colour, shape, length; ``match``: "Is there a <color>
+    <shape>?" -> yes / no), in random order."""
+    qa = {"color": ("What color is the shape?", spec.color), "shape": ("What shape is moving?", spec.shape),
+          "length": ("How many seconds long is the video?", f"{NUMBERS[seconds - 1]} seconds")}
+    qa = [qa[k] if k != "match" else _match_question(rng, spec) for k in kinds]
     rng.shuffle(qa)
     conv = []
     for k, (q, a) in enumerate(qa[:turns]):
@@ -78,22 +93,43 @@ def _parts(rng: random.Random, n: int, distinct_colors: bool = True):
     return rng.sample(pairs, n)
 
 
-def _long_frames(parts, seed: int, seconds: int) -> np.ndarray:
+def _long_frames(parts, seed: int, seconds) -> np.ndarray:
+    """One frame a second: part k's still shape for ``seconds[k]`` seconds."""
     frames = []
     for k, (color, shape) in enumerate(parts):
         img = render_image(ImageSpec(f"p{k}", shape, color, seed=seed * 100 + k), size=SIZE)
-        frames += [img] * seconds
+        frames += [img] * seconds[k]
     return np.stack(frames)
 
 
-def _subtitles(parts, seconds: int, every_second: bool = True):
+def _part_name(k: int, digits: bool = False) -> str:
+    """Part ``k``'s name (0-based): "part one" ... or, ``digits``, "part 1" ... (a single token for the
+    tiny tokenizer, which spells "one" ... "eight" in two or three pieces, "two" and "three" both
+    starting with "t")."""
+    return f"part {k + 1}" if digits else f"part {NUMBERS[k]}"
+
+
+def _subtitles(parts, seconds, every_second: bool = True, digits: bool = False):
     """A running "part <n>" caption on every second of each part (each frame's own subtitle), or
-    (not ``every_second``) one at the start of each part."""
+    (not ``every_second``) one at the start of each part; part k lasts ``seconds[k]`` seconds."""
+    starts = np.cumsum([0] + list(seconds)).tolist()
     if every_second:
-        return [{"start_time": float(t), "end_time": t + 0.5, "text": f"part {NUMBERS[k]}"}
-                for k in range(len(parts)) for t in range(k * seconds, (k + 1) * seconds)]
-    return [{"start_time": k * seconds + 0.0, "end_time": k * seconds + 2.0, "text": f"part {NUMBERS[k]}"}
+        return [{"start_time": float(t), "end_time": t + 0.5, "text": _part_name(k, digits)}
+                for k in range(len(parts)) for t in range(starts[k], starts[k + 1])]
+    return [{"start_time": starts[k] + 0.0, "end_time": starts[k] + 2.0, "text": _part_name(k, digits)}
             for k in range(len(parts))]
+
+
+def _part_seconds(spec: str):
+    """``--part-seconds``: ``"15"`` (every part 15 s) or ``"8-22"`` (each part drawn from 8..22 s)."""
+    try:
+        lo, _, hi = spec.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        raise SystemExit(f"--part-seconds {spec!r}: expected N or A-B (seconds)") from None
+    if not 1 <= lo <= hi:
+        raise SystemExit(f"--part-seconds {spec!r}: expected 1 <= A <= B")
+    return lo, hi
 
 
 def seeded_eva(vit_dims: dict, std: float, scale: float = 1.0):
@@ -126,16 +162,16 @@ def seeded_eva(vit_dims: dict, std: float, scale: float = 1.0):
 LONG_KINDS = ("what_is_in_part_n", "which_part_has_x", "first", "last")
 
 
-def _long_questions(parts, kinds=LONG_KINDS):
+def _long_questions(parts, kinds=LONG_KINDS, digits: bool = False):
     """The questions of ``kinds`` about one long video: (question, answer, kind)."""
-    qs = [(f"What is shown in part {NUMBERS[k]}?", f"a {c} {s}", "what_is_in_part_n") for k, (c, s) in enumerate(parts)]
-    qs += [(f"In which part is the {c} {s}?", f"part {NUMBERS[k]}", "which_part_has_x") for k, (c, s) in enumerate(parts)]
+    qs = [(f"What is shown in {_part_name(k, digits)}?", f"a {c} {s}", "what_is_in_part_n") for k, (c, s) in enumerate(parts)]
+    qs += [(f"In which part is the {c} {s}?", _part_name(k, digits), "which_part_has_x") for k, (c, s) in enumerate(parts)]
     qs += [("What is shown first?", "a {} {}".format(*parts[0]), "first"), ("What is shown last?", "a {} {}".format(*parts[-1]), "last")]
     return [q for q in qs if q[2] in kinds]
 
 
-def _long_qa(rng: random.Random, parts, kinds=LONG_KINDS):
-    q, a, _ = rng.choice(_long_questions(parts, kinds))
+def _long_qa(rng: random.Random, parts, kinds=LONG_KINDS, digits: bool = False):
+    q, a, _ = rng.choice(_long_questions(parts, kinds, digits))
     return q, a
 
 
@@ -168,6 +204,10 @@ def cmd_data(args) -> int:
     from videollm.long_video import interleave_subtitles, write_feature_file
     from videollm.processors.clip_image import CLIPImageProcessor
 
+    kinds = args.short_kinds.split(",")
+    if not set(kinds) <= set(SHORT_KINDS) or len(kinds) < args.short_turns:
+        raise SystemExit(f"--short-kinds {args.short_kinds!r}: at least --short-turns ({args.short_turns}) of {','.join(SHORT_KINDS)}")
+    part_seconds = _part_seconds(args.part_seconds)
     out = Path(args.out)
     (out / "clips").mkdir(parents=True, exist_ok=True)
     (out / "long/train").mkdir(parents=True, exist_ok=True)
@@ -185,7 +225,7 @@ def cmd_data(args) -> int:
         seconds = rng.randint(1, 4)
         write_clip(out / "clips" / f"{i:05d}.mp4", spec, width=SIZE, height=SIZE, fps=4, duration=seconds)
         split = "test" if i < args.num_test_clips else "train"
-        short[split].append({"id": f"c{i}", "video": f"clips/{i:05d}.mp4", "conversations": _short_qa(rng, spec, seconds, args.short_turns),
+        short[split].append({"id": f"c{i}", "video": f"clips/{i:05d}.mp4", "conversations": _short_qa(rng, spec, seconds, args.short_turns, kinds),
                              "color": spec.color, "shape": spec.shape, "seconds": seconds})
     for split, items in short.items():
         (out / f"short_{split}.json").write_text(json.dumps(items, indent=0))
@@ -194,22 +234,23 @@ def cmd_data(args) -> int:
     long_train, long_test = [], []
     for i in range(args.num_long + args.num_test_long):
         parts = _parts(rng, args.parts, not args.repeat_colors)
-        frames = _long_frames(parts, i, args.part_seconds)
-        subs = _subtitles(parts, args.part_seconds, args.subtitles == "every-second")
+        seconds = [rng.randint(*part_seconds) if part_seconds[0] < part_seconds[1] else part_seconds[0] for _ in parts]
+        frames = _long_frames(parts, i, seconds)
+        subs = _subtitles(parts, seconds, args.subtitles == "every-second", args.digits)
         if i < args.num_long:
             with torch.no_grad():
                 feats = vit(proc(frames).half().float()).numpy().astype(np.float16)
             inputs = interleave_subtitles(subs, [float(t) for t in range(len(frames))])
             write_feature_file(out / "long/train" / f"{i:05d}.pkl", feats, inputs)
             for _ in range(args.questions_per_long):
-                q, a = _long_qa(rng, parts, args.long_kinds.split(","))
+                q, a = _long_qa(rng, parts, args.long_kinds.split(","), args.digits)
                 long_train.append({"id": f"l{i}", "video": f"long/train/{i:05d}.pkl", "conversations": [
                     {"from": "human", "value": MOVIE_START + "<image>" + MOVIE_END + "\n" + q}, {"from": "gpt", "value": a}]})
         else:
             name = f"{i:05d}"
             _write_mp4(out / "long/test" / f"{name}.mp4", frames)
             (out / "long/test" / f"{name}.srt").write_text(_srt(subs))
-            long_test.append({"video": f"long/test/{name}.mp4", "qa": _long_questions(parts, args.long_kinds.split(",")), "frames": len(frames)})
+            long_test.append({"video": f"long/test/{name}.mp4", "qa": _long_questions(parts, args.long_kinds.split(","), args.digits), "frames": len(frames), "part_seconds": seconds})
     long_train += rng.sample(short["train"], min(args.short_in_long, len(short["train"])))
     rng.shuffle(long_train)
     (out / "long_train.json").write_text(json.dumps(long_train, indent=0))
@@ -263,7 +304,7 @@ def cmd_eval(args) -> int:
                 answer, _ = chat.answer(conv, imgs, max_new_tokens=8)
                 ok = _match(answer, truth)
                 hits[k] = hits.get(k, 0) + ok
-                kind = {"many": "length"}.get(q.split()[1], q.split()[1])
+                kind = {"many": "length", "there": "match"}.get(q.split()[1], q.split()[1])
                 per_kind.setdefault(kind, [0, 0])
                 per_kind[kind][0] += ok
                 per_kind[kind][1] += 1
@@ -315,16 +356,20 @@ def main(argv=None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--num-clips", type=int, default=3060)
     d.add_argument("--num-test-clips", type=int, default=60)
-    d.add_argument("--short-turns", type=int, default=3, choices=(1, 2, 3), help="questions per short clip")
+    d.add_argument("--short-turns", type=int, default=3, choices=(1, 2, 3, 4), help="questions per short clip")
+    d.add_argument("--short-kinds", default="color,shape,length",
+                   help=f"comma-separated short-clip question kinds, of {','.join(SHORT_KINDS)}")
     d.add_argument("--num-long", type=int, default=400)
     d.add_argument("--num-test-long", type=int, default=12)
     d.add_argument("--questions-per-long", type=int, default=8)
     d.add_argument("--parts", type=int, default=4, help="parts (shapes in sequence) of a long video")
-    d.add_argument("--part-seconds", type=int, default=15, help="seconds (frames at 1 fps) of each part")
+    d.add_argument("--part-seconds", default="15",
+                   help="seconds (frames at 1 fps) of each part: N, or A-B (each part's length drawn from A..B)")
     d.add_argument("--repeat-colors", action="store_true",
                    help="parts may share a colour (default: each part its own colour, when --parts <= 4)")
     d.add_argument("--subtitles", choices=("every-second", "start"), default="every-second",
                    help="'part <n>' on every second of its part, or only at its start")
+    d.add_argument("--digits", action="store_true", help="parts named 'part 1' ... instead of 'part one' ...")
     d.add_argument("--short-in-long", type=int, default=200, help="short-clip conversations mixed into long_train.json")
     d.add_argument("--long-kinds", default="what_is_in_part_n,which_part_has_x",
                    help=f"comma-separated long-video question kinds, of {','.join(LONG_KINDS)}")

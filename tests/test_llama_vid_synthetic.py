@@ -56,3 +56,72 @@ def test_data_command_writes_clips_movies_and_questions(tmp_path):
     assert len(set(colors)) == 4  # each part its own colour
     subs = parse_srt(out / test["video"].replace(".mp4", ".srt"))
     assert len(subs) == 12 and subs[3]["text"] == "part two"
+
+
+def test_match_questions_are_yes_for_the_clips_own_pair_and_no_otherwise():
+    import random
+
+    from videollm.synthetic import COLORS, SHAPES, ClipSpec
+
+    rng = random.Random(0)
+    spec = ClipSpec("c", "circle", "red", "left", "slow", seed=0)
+    answers = {}
+    for _ in range(200):
+        q, a = synth._match_question(rng, spec)
+        color, shape = q[len("Is there a "):-1].split()
+        assert color in COLORS and shape in SHAPES
+        assert a == ("yes" if (color, shape) == ("red", "circle") else "no")
+        answers[a] = answers.get(a, 0) + 1
+    assert 70 < answers["yes"] < 130  # about half
+    conv = synth._short_qa(rng, spec, 2, turns=4, kinds=synth.SHORT_KINDS)
+    assert len(conv) == 8 and conv[0]["value"].endswith("\n<image>")
+    assert sum(turn["value"].startswith("Is there a ") for turn in conv[::2]) == 1
+
+
+def test_data_command_refuses_unknown_short_kinds(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--short-kinds"):
+        synth.main(["data", "--out", str(tmp_path), "--short-kinds", "color,size,length"])
+
+
+def test_part_seconds_range_draws_each_parts_length_and_the_subtitles_follow(tmp_path):
+    out = tmp_path / "synth"
+    assert synth.main(["data", "--out", str(out), "--num-clips", "1", "--num-test-clips", "1", "--num-long", "1",
+                       "--num-test-long", "2", "--questions-per-long", "1", "--short-in-long", "0",
+                       "--parts", "6", "--part-seconds", "1-4"]) == 0
+    from videollm.long_video import parse_srt, read_feature_file
+
+    for item in json.loads((out / "long_test.json").read_text()):
+        seconds = item["part_seconds"]
+        assert len(seconds) == 6 and all(1 <= s <= 4 for s in seconds) and item["frames"] == sum(seconds)
+        subs = parse_srt(out / item["video"].replace(".mp4", ".srt"))
+        assert [s["text"] for s in subs] == [f"part {synth.NUMBERS[k]}" for k in range(6) for _ in range(seconds[k])]
+        pairs = [truth for _, truth, kind in item["qa"] if kind == "what_is_in_part_n"]
+        assert len(set(pairs)) == 6  # six parts: colours repeat, colour-shape pairs do not
+    feats, inputs = read_feature_file(out / "long/train/00000.pkl")
+    assert inputs.count("<image>") == feats.shape[0] and 6 <= feats.shape[0] <= 24
+    import pytest
+
+    for bad in ("0-3", "5-2", "ten"):
+        with pytest.raises(SystemExit, match="--part-seconds"):
+            synth.main(["data", "--out", str(tmp_path / "x"), "--part-seconds", bad])
+
+
+def test_digit_part_names_in_questions_answers_and_subtitles():
+    parts = [("red", "circle"), ("blue", "square")]
+    qa = synth._long_questions(parts, digits=True)
+    assert ("What is shown in part 2?", "a blue square", "what_is_in_part_n") in qa
+    assert ("In which part is the red circle?", "part 1", "which_part_has_x") in qa
+    subs = synth._subtitles(parts, [1, 2], digits=True)
+    assert [s["text"] for s in subs] == ["part 1", "part 2", "part 2"] and subs[2]["start_time"] == 2.0
+    assert [s["text"] for s in synth._subtitles(parts, [1, 2])] == ["part one", "part two", "part two"]
+    from videollm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("tiny")  # the reason for the option: each digit is one token of its own
+    ids = {name: tok(name, add_special_tokens=False)["input_ids"] for name in ("part 2", "part 3", "part two", "part three")}
+    assert ids["part 2"][:-1] == ids["part 3"][:-1] and ids["part 2"][-1] != ids["part 3"][-1]
+    assert tok.decode(ids["part 2"][-1:]).strip() == "2"
+    # while "two" and "three" are spelt in pieces that start alike
+    n = len(ids["part 2"]) - 2  # after "part"
+    assert ids["part two"][n] == ids["part three"][n] and len(ids["part three"]) > len(ids["part 3"])
