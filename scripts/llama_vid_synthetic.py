@@ -170,9 +170,27 @@ def _long_questions(parts, kinds=LONG_KINDS, digits: bool = False):
     return [q for q in qs if q[2] in kinds]
 
 
-def _long_qa(rng: random.Random, parts, kinds=LONG_KINDS, digits: bool = False):
-    q, a, _ = rng.choice(_long_questions(parts, kinds, digits))
-    return q, a
+def _long_conversation(rng: random.Random, parts, video: str, kinds=LONG_KINDS, digits: bool = False, turns: int = 1):
+    """One training conversation about a movie: ``turns`` questions about different parts (so that
+    no answer can be read off an earlier turn), the movie prompt in the first, whose text also
+    conditions the context tokens."""
+    qs = _long_questions(parts, kinds, digits)
+    if turns <= 1:
+        picked = [rng.choice(qs)]
+    else:
+        names = {_part_name(k, digits): k for k in range(len(parts))}
+        names.update({"a {} {}".format(*pair): k for k, pair in enumerate(parts)})
+        picked, used = [], set()
+        for q in rng.sample(qs, len(qs)):
+            part = names[q[1]]
+            if part not in used and len(picked) < turns:
+                picked.append(q)
+                used.add(part)
+    conv = []
+    for k, (q, a, _) in enumerate(picked):
+        conv += [{"from": "human", "value": (MOVIE_START + "<image>" + MOVIE_END + "\n" if k == 0 else "") + q},
+                 {"from": "gpt", "value": a}]
+    return {"video": video, "conversations": conv}
 
 
 def _srt(subs) -> str:
@@ -243,9 +261,8 @@ def cmd_data(args) -> int:
             inputs = interleave_subtitles(subs, [float(t) for t in range(len(frames))])
             write_feature_file(out / "long/train" / f"{i:05d}.pkl", feats, inputs)
             for _ in range(args.questions_per_long):
-                q, a = _long_qa(rng, parts, args.long_kinds.split(","), args.digits)
-                long_train.append({"id": f"l{i}", "video": f"long/train/{i:05d}.pkl", "conversations": [
-                    {"from": "human", "value": MOVIE_START + "<image>" + MOVIE_END + "\n" + q}, {"from": "gpt", "value": a}]})
+                long_train.append({"id": f"l{i}", **_long_conversation(rng, parts, f"long/train/{i:05d}.pkl",
+                                                                       args.long_kinds.split(","), args.digits, args.long_turns)})
         else:
             name = f"{i:05d}"
             _write_mp4(out / "long/test" / f"{name}.mp4", frames)
@@ -369,6 +386,8 @@ def main(argv=None) -> int:
                    help="parts may share a colour (default: each part its own colour, when --parts <= 4)")
     d.add_argument("--subtitles", choices=("every-second", "start"), default="every-second",
                    help="'part <n>' on every second of its part, or only at its start")
+    d.add_argument("--long-turns", type=int, default=1,
+                   help="questions (turns) per long-video conversation: each answer is a training target, the movie is read once")
     d.add_argument("--digits", action="store_true", help="parts named 'part 1' ... instead of 'part one' ...")
     d.add_argument("--short-in-long", type=int, default=200, help="short-clip conversations mixed into long_train.json")
     d.add_argument("--long-kinds", default="what_is_in_part_n,which_part_has_x",

@@ -224,6 +224,37 @@ def test_stage3_long_video_batch_and_loss(bert_dir):
     assert trainable == {"llm.model", "llm.lm_head", "model.mm_projector"}
 
 
+def test_multi_question_feature_file_sample_refused_unless_movie_multi_turn(bert_dir, monkeypatch):
+    # the original gives each later question an <image> a feature file has no tokens for (its model then
+    # fails): refused and counted by default; movie_multi_turn keeps the later questions text only
+    model = build_tiny(bert_dir, stage=3)
+    feats = np.random.default_rng(0).standard_normal((3, 17, 64)).astype(np.float16)
+    medium = feature_medium(feats, "<image>part one<image>part two<image>", 2)
+    turns = _turns(("<image>\nWhat is in part one?", "a circle"), ("And in part two?", "a square"))
+    single = _turns(("<image>\nWhat is in part one?", "a circle"))
+    batch = model.batch_processor()({"conversations": [turns, single], "media": [medium, medium], "paths": ["a.pkl", "b.pkl"]})
+    assert batch["num_samples"] == 1 and batch["bad_samples"] == [("a.pkl", "bad_annotation")]
+    monkeypatch.setattr(model.cfg, "movie_multi_turn", True)
+    model._processor = None
+    batch = model.batch_processor()({"conversations": [turns, single], "media": [medium, medium]})
+    assert batch["num_samples"] == 2 and batch["prompts"] == [["What is in part one?"], ["What is in part one?"]]
+    n = batch["lengths"][0]
+    ids, labels = batch["input_ids"][0, :n].tolist(), batch["labels"][0, :n].tolist()
+    assert ids.count(IMAGE_TOKEN_INDEX) == 6  # the movie's tokens once, in the first question
+    tok = model.batch_processor().tokenizer
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != -100]).replace(" ", "") == "acircle</s>asquare</s>"
+    # the one-question sample is the same with or without the option
+    n1 = batch["lengths"][1]
+    monkeypatch.setattr(model.cfg, "movie_multi_turn", False)
+    model._processor = None
+    plain = model.batch_processor()({"conversations": [single], "media": [medium]})
+    assert plain["input_ids"][0].tolist() == batch["input_ids"][1, :n1].tolist()
+    assert plain["labels"][0].tolist() == batch["labels"][1, :n1].tolist()
+    with torch.no_grad():
+        out = model(batch)
+    assert torch.isfinite(out["loss"])
+
+
 def test_model_max_length_cuts_the_ids_not_the_sequence_with_media(model, monkeypatch):
     # the original's collator cuts the ids at model_max_length; the media tokens then go in uncut
     # (a sample may grow past it); cut_after_media=True cuts the sequence after (an option)

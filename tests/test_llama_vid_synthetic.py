@@ -125,3 +125,31 @@ def test_digit_part_names_in_questions_answers_and_subtitles():
     # while "two" and "three" are spelt in pieces that start alike
     n = len(ids["part 2"]) - 2  # after "part"
     assert ids["part two"][n] == ids["part three"][n] and len(ids["part three"]) > len(ids["part 3"])
+
+
+def test_multi_turn_movie_conversations_ask_each_part_once():
+    import random
+
+    from videollm.long_video import MOVIE_START
+
+    parts = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("red", "square")]
+    rng = random.Random(1)
+    for _ in range(20):
+        item = synth._long_conversation(rng, parts, "m.pkl", synth.LONG_KINDS, digits=True, turns=3)
+        turns = item["conversations"]
+        assert len(turns) == 6 and turns[0]["value"].startswith(MOVIE_START + "<image>")
+        assert all("<image>" not in t["value"] for t in turns[1:])
+        subjects = []
+        for q, a in zip(turns[::2], turns[1::2]):
+            text = q["value"].split("\n")[-1]
+            if text.startswith("In which part"):
+                assert a["value"] == f"part {parts.index(tuple(text[len('In which part is the '):-1].split())) + 1}"
+                subjects.append(int(a["value"].split()[1]) - 1)
+            elif text in ("What is shown first?", "What is shown last?"):
+                subjects.append(0 if "first" in text else 3)
+            else:
+                subjects.append(int(text.split()[-1].rstrip("?")) - 1)
+                assert a["value"] == "a {} {}".format(*parts[subjects[-1]])
+        assert len(set(subjects)) == 3  # no part asked twice: no answer to copy from an earlier turn
+    one = synth._long_conversation(rng, parts, "m.pkl", turns=1)["conversations"]
+    assert len(one) == 2

@@ -189,6 +189,11 @@ class LLaMAVIDConfig:
     video_fps: int = 1
     video_token: int = 2  # <image> per frame in feature-file prompts (= tokens per frame)
     frame_chunk: int = 64  # long-video chunk (frames) of the Q-Former and the attention
+    # A feature-file conversation of several questions: the original gives every later human turn an
+    # <image> (as for a video) that a feature file has no tokens for (its embedding assignment then
+    # fails), so by default such a sample is refused (skipped and counted); True keeps the later turns
+    # text only, the movie's tokens once, in the first turn (a corrected behaviour, an option).
+    movie_multi_turn: bool = False
     long_video: bool = False  # chat: a video file is turned into features + movie prompt (stage-3 models)
     # training
     stage: int = 0  # 1, 2, 3: the freeze plan of that stage; 0: inference (all frozen)
@@ -710,7 +715,7 @@ class LLaMAVID(VideoLLM):
         if getattr(self, "_processor", None) is None:
             path = self.cfg.tokenizer if self.cfg.tokenizer is not None else (self.cfg.model_path or self.cfg.llm_path)
             self._processor = LLaMAVIDProcessor(path or None, self.cfg.conv_template, self.cfg.model_max_length,
-                                                self.cfg.video_token)
+                                                self.cfg.video_token, movie_multi_turn=self.cfg.movie_multi_turn)
         return self._processor
 
     def prepare_batch(self, batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -916,11 +921,13 @@ class LLaMAVIDProcessor:
     original's rule), ``lengths``, ``media``, ``prompts``. Picklable (runs in loader workers).
     """
 
-    def __init__(self, tokenizer_path: Optional[str], template: str, model_max_length: int, video_token: int) -> None:
+    def __init__(self, tokenizer_path: Optional[str], template: str, model_max_length: int, video_token: int,
+                 movie_multi_turn: bool = False) -> None:
         self.tokenizer_path = tokenizer_path
         self.template = template
         self.model_max_length = model_max_length
         self.video_token = video_token
+        self.movie_multi_turn = movie_multi_turn
         self._tok = None
 
     @property
@@ -960,7 +967,8 @@ class LLaMAVIDProcessor:
             out.append({"from": turn["from"], "value": value.replace(IMAGE_TOKEN, video)})
         return out, prompt
 
-    def imgsp_v1(self, turns: Sequence[Dict[str, str]], has_image: bool) -> Tuple[List[int], List[int], List[str]]:
+    def imgsp_v1(self, turns: Sequence[Dict[str, str]], has_image: bool,
+                 later_images: bool = True) -> Tuple[List[int], List[int], List[str]]:
         from videollm.templates import get_template
 
         conv = get_template("imgsp_v1").new_conversation(training=True)
@@ -978,7 +986,7 @@ class LLaMAVIDProcessor:
                 prompts.append(value.replace(IMAGE_TOKEN, "").replace("\n", ""))
             if IMAGE_TOKEN in value:
                 img_in_text = True
-            if role == conv.roles[0] and img_in_text and IMAGE_TOKEN not in value:
+            if later_images and role == conv.roles[0] and img_in_text and IMAGE_TOKEN not in value:
                 value = IMAGE_TOKEN + "\n" + value if random.randint(0, 1) == 0 else value + "\n" + IMAGE_TOKEN
             conv.append_message(role, value)
         text = conv.get_prompt()
@@ -1025,8 +1033,13 @@ class LLaMAVIDProcessor:
     def tokenize(self, turns: Sequence[Dict[str, str]], medium: Optional[Media]) -> Tuple[List[int], List[int], List[str]]:
         turns = [dict(t) for t in turns]
         if medium is not None and medium.kind == "features":
+            questions = sum(1 for t in turns if t.get("from") == "human")
+            if questions > 1 and not self.movie_multi_turn:
+                raise BadInput("bad_annotation", f"a feature-file conversation of {questions} questions: the original "
+                               "gives each later question an <image> the movie has no tokens for; set "
+                               "model.movie_multi_turn: true to keep later questions text only")
             turns, prompt = self.movie_turns(turns, medium.meta.get("inputs", ""))
-            ids, labels, _ = self.imgsp_v1(turns, True)
+            ids, labels, _ = self.imgsp_v1(turns, True, later_images=False)
             return ids, labels, [prompt]
         if medium is not None:
             turns = self.move_image_tokens(turns)
