@@ -21,13 +21,18 @@
   gives 1 to 4 frames (2 to 8 visual tokens); ``short_train.json`` / ``short_test.json``:
   LLaMA-VID JSON with ``--short-turns`` (3) turns asking the colour, the shape and the length in
   seconds, in random order (each later turn's tokens are conditioned on its own question);
+  ``--short-kinds`` adds ``match`` ("Is there a <color> <shape>?" -> yes / no, half of each);
 * ``long/train/*.pkl`` (``--num-long``, 400): "long videos" as feature files: ``--parts`` parts
   (4) of ``--part-seconds`` s (15: a 60-s movie, 60 frames at 1 fps, 120 visual tokens), each
   part one static shape of its own colour (``--repeat-colors``: distinct colour/shape pairs only), with the subtitle "part <n>" on every
   second of it (``--subtitles start``: only at its start); questions (``--long-kinds``) "What is
   shown in part <n>?" -> "a <color> <shape>", "In which part is the <color> <shape>?" -> "part
   <n>" (and, if asked for, "What is shown first/last?"); ``long_train.json`` (plus
-  ``--short-in-long``, 200, short-clip conversations, so that stage 3 keeps the short skills);
+  ``--short-in-long``, 200, short-clip conversations, so that stage 3 keeps the short skills).
+  ``--part-seconds A-B`` draws each part's length from A..B s (so that a part's place in the
+  token sequence no longer tells which part it is), ``--digits`` names the parts "part 1" ...
+  (one token each for the tiny tokenizer), ``--long-turns N`` asks N questions about different
+  parts in one conversation (needs ``model.movie_multi_turn: true``);
 * ``long/test/*.mp4`` + ``.srt`` (``--num-test-long``, 12): held-out long videos as video files with subtitles, turned into
   feature files by ``python -m videollm.features llama-vid`` in ``eval`` (the demo's path), with
   ``long_test.json`` holding the questions.
