@@ -187,10 +187,11 @@ def _long_conversation(rng: random.Random, parts, video: str, kinds=LONG_KINDS, 
         names.update({"a {} {}".format(*pair): k for k, pair in enumerate(parts)})
         picked, used = [], set()
         for q in rng.sample(qs, len(qs)):
-            part = names[q[1]]
-            if part not in used and len(picked) < turns:
+            if names[q[1]] not in used:
                 picked.append(q)
-                used.add(part)
+                used.add(names[q[1]])
+                if len(picked) == turns:
+                    break
     conv = []
     for k, (q, a, _) in enumerate(picked):
         conv += [{"from": "human", "value": (MOVIE_START + "<image>" + MOVIE_END + "\n" if k == 0 else "") + q},
@@ -257,6 +258,7 @@ def cmd_data(args) -> int:
     long_train, long_test = [], []
     for i in range(args.num_long + args.num_test_long):
         parts = _parts(rng, args.parts, not args.repeat_colors)
+        # fixed lengths draw nothing, so that the default data stay what they were
         seconds = [rng.randint(*part_seconds) if part_seconds[0] < part_seconds[1] else part_seconds[0] for _ in parts]
         frames = _long_frames(parts, i, seconds)
         subs = _subtitles(parts, seconds, args.subtitles == "every-second", args.digits)
